@@ -1,0 +1,358 @@
+"""``GolemCluster``: a Dask cluster whose workers are rented on a Golem-protocol market.
+
+The keyword arguments become a demand; each worker is a :class:`~golem_dask.worker.GolemWorker`
+holding one agreement; scaling down or closing pays the providers; ``bill()`` says what
+was paid to whom, with transaction hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from distributed.core import Status
+from distributed.deploy.spec import SpecCluster
+
+from golem_dask import config
+from golem_dask.errors import BudgetExceededError, ConfigError
+from golem_dask.events import EventLog
+from golem_dask.market.base import Market
+from golem_dask.market.demand import DemandSpec
+from golem_dask.market.negotiation import Negotiator
+from golem_dask.market.pricing import LinearPricing
+from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
+from golem_dask.payment.base import Payer
+from golem_dask.protocol.properties import Resources
+from golem_dask.worker import GolemWorker, Registrations, RequestorParts
+
+logger = logging.getLogger(__name__)
+
+
+def local_providers(platform: str, entries: Sequence[dict[str, Any]] | None = None) -> list[Any]:
+    """Provider agents for the embedded market, from ``golem.provider.local``.
+
+    Each entry may set ``name``, ``cpu``, ``memory``, ``storage``, ``runtime``,
+    ``price-per-cpu-hour``, ``price-per-hour`` and ``start-price``.
+    """
+    import psutil
+
+    from golem_dask.payment.wallet import Wallet
+    from golem_dask.provider.agent import ProviderAgent, ProviderSettings
+    from golem_dask.provider.runtime.process import ProcessRuntime
+
+    entries = config.get("provider.local", entries) or []
+    interval = config.seconds("provider.debit-note-interval")
+    agents = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name") or f"local-{i}"
+        what = f"golem.provider.local[{i}]"
+        cpu = entry.get("cpu") or os.cpu_count() or 1
+        memory = entry.get("memory") or int(psutil.virtual_memory().total * 0.8)
+        runtime_name = entry.get("runtime") or "process"
+        if runtime_name != "process":
+            raise ConfigError(f"{what}.runtime={runtime_name!r}: only the 'process' runtime is available")
+        pricing = LinearPricing.per_hour(
+            cpu=config.to_decimal(entry.get("price-per-cpu-hour", "0.1"), f"{what}.price-per-cpu-hour") or Decimal(0),
+            duration=config.to_decimal(entry.get("price-per-hour", "0.02"), f"{what}.price-per-hour") or Decimal(0),
+            start=config.to_decimal(entry.get("start-price", "0"), f"{what}.start-price") or Decimal(0),
+        )
+        settings = ProviderSettings(
+            name=name,
+            capacity=Resources(
+                cpu_threads=int(cpu),
+                memory_bytes=config.byte_size(memory, f"{what}.memory"),
+                storage_bytes=config.byte_size(entry.get("storage") or "10GiB", f"{what}.storage"),
+            ),
+            pricing=pricing,
+            platform=platform,
+            debit_note_interval_s=interval,
+        )
+        agents.append(ProviderAgent(settings, ProcessRuntime(), Wallet.generate().address))
+    return agents
+
+
+class GolemCluster(SpecCluster):
+    """A Dask cluster of workers rented on a Golem-protocol market.
+
+    Parameters
+    ----------
+    n_workers:
+        Workers to rent at start.
+    cpu, memory, storage:
+        What each worker needs (threads, bytes or ``"4GiB"``); defaults from ``golem.demand``.
+    budget:
+        The most this cluster may spend, in GLM.  No agreement is signed whose worst-case
+        cost the rest of the budget cannot cover.
+    max_price_per_cpu_hour, max_price_per_hour, max_start_price:
+        Price caps; offers above them are refused with the reason recorded.
+    constraints:
+        Extra constraints on offers in Golem's filter language, e.g.
+        ``"(golem.node.id.name=lab-*)"``.  Parsed at once: a syntax error raises here.
+    runtime:
+        Require providers with this runtime (``"process"`` or ``"docker"``).
+    market:
+        ``None``/``"local"`` for the embedded market, or a :class:`~golem_dask.market.base.Market`.
+    payer:
+        A :class:`~golem_dask.payment.base.Payer`; by default a fresh wallet on the
+        embedded Ethereum devnet, funded with ``budget``.
+    scheduler_options:
+        Passed to the :class:`distributed.Scheduler`.
+
+    Examples
+    --------
+    >>> from golem_dask import GolemCluster
+    >>> from distributed import Client
+    >>> with GolemCluster(n_workers=2, budget="1") as cluster, Client(cluster) as client:  # doctest: +SKIP
+    ...     print(client.submit(sum, [1, 2, 3]).result())
+    ...     print(cluster.bill())
+    6
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        *,
+        cpu: int | None = None,
+        memory: str | int | None = None,
+        storage: str | int | None = None,
+        budget: Any = None,
+        max_price_per_cpu_hour: Any = None,
+        max_price_per_hour: Any = None,
+        max_start_price: Any = None,
+        constraints: str | None = None,
+        runtime: str | None = None,
+        market: Market | str | None = None,
+        payer: Payer | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+        worker_options: Sequence[str] = (),
+        asynchronous: bool = False,
+        loop: Any = None,
+        name: str | None = None,
+        silence_logs: int | bool = logging.WARNING,
+    ) -> None:
+        # Everything that can be wrong with the arguments fails here, before any
+        # process, market or chain is started.
+        self.spec = DemandSpec.from_kwargs(
+            cpu=cpu,
+            memory=memory,
+            storage=storage,
+            runtime=runtime,
+            constraints=constraints,
+            max_price_per_cpu_hour=max_price_per_cpu_hour,
+            max_price_per_hour=max_price_per_hour,
+            max_start_price=max_start_price,
+        )
+        total = config.decimal("payment.budget", budget)
+        assert total is not None
+        if payer is None:
+            from golem_dask.payment.ethereum import EthereumPayer
+
+            payer = EthereumPayer.embedded(total, platform=self.spec.platform)
+        self.payer = payer
+        self.market = self._make_market(market)
+        self.events = EventLog()
+        self.budget = Budget(total)
+        self.accountant = Accountant(
+            payer,
+            self.budget,
+            Tolerance(
+                relative=Decimal(str(config.get("payment.usage-tolerance"))),
+                cpu_allowance_sec=Decimal(str(config.seconds("payment.cpu-allowance"))),
+                duration_allowance_sec=Decimal(str(config.seconds("payment.duration-allowance"))),
+            ),
+            self.events,
+        )
+        self.negotiator = Negotiator(
+            self.market,
+            self.spec,
+            payer.address,
+            self.budget,
+            negotiation_timeout_s=config.seconds("market.negotiation-timeout"),
+            approval_timeout_s=config.seconds("market.approval-timeout"),
+            expected_s=Decimal(str(config.seconds("market.expected-duration"))),
+            utilisation=Decimal(str(config.get("market.expected-utilisation"))),
+            events=self.events,
+        )
+        self.registrations = Registrations()
+        self._parts = RequestorParts(
+            market=self.market,
+            negotiator=self.negotiator,
+            accountant=self.accountant,
+            registrations=self.registrations,
+            events=self.events,
+            start_timeout_s=config.seconds("worker.start-timeout"),
+            close_timeout_s=config.seconds("worker.close-timeout"),
+            invoice_timeout_s=config.seconds("payment.invoice-timeout"),
+            on_lost=self._worker_lost,
+            worker_options=tuple(worker_options),
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._golem_started = False
+        self._golem_closed = False
+        scheduler = {
+            "cls": "distributed.Scheduler",
+            "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": ":0", **(scheduler_options or {})},
+        }
+        worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
+        n = n_workers if n_workers is not None else 0
+        super().__init__(
+            workers={self._new_worker_name(i): worker for i in range(n)},
+            scheduler=scheduler,
+            worker=worker,
+            asynchronous=asynchronous,
+            loop=loop,
+            name=name,
+            silence_logs=silence_logs,
+        )
+        self._i = n
+
+    # -- construction helpers ---------------------------------------------------------
+
+    def _make_market(self, market: Market | str | None) -> Market:
+        if isinstance(market, Market):
+            return market
+        backend = config.get("market.backend", market)
+        if backend in (None, "local"):
+            from golem_dask.market.local import LocalMarket
+
+            return LocalMarket(local_providers(self.spec.platform))
+        raise ConfigError(
+            f"market={backend!r} is not available in this version; use market='local' "
+            "(the embedded market) or pass a Market object"
+        )
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"golem-{worker_number}"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start(self) -> None:
+        if not self._golem_started:
+            self._golem_started = True
+            try:
+                await self.market.start()
+                await self.payer.start()
+                await self.negotiator.start()
+                self._spawn(self._answer_documents(), "golem-accountant")
+            except BaseException:
+                await self._golem_close()
+                raise
+        await super()._start()
+        if self.scheduler is not None and "golem-registrations" not in self.scheduler.plugins:
+            self.scheduler.add_plugin(self.registrations)
+            self._spawn(self._meter(), "golem-metering")
+
+    async def _answer_documents(self) -> None:
+        async for document in self.market.payment_events():
+            try:
+                await self.accountant.on_document(self.market, document)
+            except Exception:
+                logger.exception("could not answer %s", type(document).__name__)
+
+    async def _meter(self) -> None:
+        """Integrate the CPU the scheduler sees each worker use: our own metering."""
+        interval = config.seconds("payment.metering-interval")
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            elapsed = Decimal(str(round(now - last, 3)))
+            last = now
+            scheduler = self.scheduler
+            if scheduler is None:
+                continue
+            for ws in list(scheduler.workers.values()):
+                worker = self.workers.get(ws.name)
+                agreement_id = getattr(worker, "agreement_id", None)
+                if agreement_id is None:
+                    continue
+                percent = Decimal(str(ws.metrics.get("cpu", 0) or 0))
+                self.accountant.observe_cpu(agreement_id, percent / 100 * elapsed)
+
+    async def _correct_state_internal(self) -> None:
+        # SpecCluster fails the whole cluster when one worker fails to start.  A worker
+        # the budget cannot pay for is not a failure: drop it and keep the others.
+        try:
+            await super()._correct_state_internal()
+        except Exception as error:
+            unaffordable = [n for n, w in self.workers.items()
+                            if isinstance(getattr(w, "error", None), BudgetExceededError)]
+            others = [w.error for w in self.workers.values()
+                      if getattr(w, "error", None) is not None and not isinstance(w.error, BudgetExceededError)]
+            if others or not unaffordable:
+                raise others[0] if others else error
+            for n in unaffordable:
+                del self.workers[n]
+                self.worker_spec.pop(n, None)
+            message = (f"budget of {self.budget.total} GLM allows {len(self.workers)} workers now; "
+                       f"not starting {len(unaffordable)} more ({error})")
+            self.events.emit("budget", message)
+            logger.warning("%s", message)
+
+    def _worker_lost(self, name: str, reason: str) -> None:
+        """A running worker's activity died: pay what it ran, start a replacement."""
+        worker = self.workers.pop(name, None)
+        if worker is None or self.status != Status.running:
+            return
+        self.events.emit("warning", f"worker {name} lost: {reason.splitlines()[0] if reason else ''}; replacing it")
+        self._futures.add(asyncio.ensure_future(worker.close()))
+        if name in self.worker_spec:
+            spec = self.worker_spec.pop(name)
+            self.worker_spec[self._new_worker_name(self._i)] = spec
+            self._i += 1
+            self._correct_state()
+
+    def close(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            timeout = config.seconds("cluster.close-timeout")
+        return super().close(timeout=timeout)
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            await self._golem_close()
+
+    async def _golem_close(self) -> None:
+        if self._golem_closed:
+            return
+        self._golem_closed = True
+        with contextlib.suppress(Exception):
+            await self.negotiator.close()
+        with contextlib.suppress(Exception):
+            await self.market.close()
+        # Documents the market delivered before closing are still answered.
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.payer.close()
+        bill = self.accountant.bill()
+        if bill.entries:
+            self.events.emit("payment", f"cluster closed; paid {bill.total} GLM in total", total=bill.total)
+
+    # -- money ------------------------------------------------------------------------
+
+    def bill(self) -> Bill:
+        """Every agreement with its usage, amount, status and transaction hash.
+
+        Examples
+        --------
+        >>> print(cluster.bill())  # doctest: +SKIP
+        """
+        return self.accountant.bill()
+
+    def __repr__(self) -> str:
+        return (f"GolemCluster({self.name!r}, {self.scheduler_address!r}, workers={len(self.workers)}, "
+                f"spent={self.budget.spent} of {self.budget.total} GLM)")

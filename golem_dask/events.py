@@ -1,0 +1,78 @@
+"""The one progress channel users see: offers, agreements, workers, money.
+
+Diagnostics go to ``logging``; what a user renting compute wants to watch (offers seen,
+agreements signed, workers ready, amounts paid) goes through an :class:`EventLog`, which
+the cluster's ``events`` attribute, its repr and the CLI all read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+logger = logging.getLogger("golem_dask.progress")
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Something a user may want to know happened.
+
+    ``kind`` is one of ``offer``, ``rejected``, ``agreement``, ``worker``, ``budget``,
+    ``invoice``, ``payment``, ``warning``.
+    """
+
+    kind: str
+    message: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"
+
+
+class EventLog:
+    """Keeps recent progress events and forwards each to subscribers.
+
+    Examples
+    --------
+    >>> log = EventLog()
+    >>> seen = []
+    >>> _ = log.subscribe(seen.append)
+    >>> log.emit("worker", "worker golem-0 ready")
+    >>> str(seen[0])
+    '[worker] worker golem-0 ready'
+    """
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._events: deque[ProgressEvent] = deque(maxlen=maxlen)
+        self._subscribers: list[Callable[[ProgressEvent], None]] = []
+
+    def emit(self, kind: str, message: str, **data: Any) -> None:
+        event = ProgressEvent(kind, message, MappingProxyType(data))
+        self._events.append(event)
+        level = logging.WARNING if kind == "warning" else logging.INFO
+        logger.log(level, "%s", event)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # a broken subscriber must not break the cluster
+                logger.exception("progress subscriber %r failed", callback)
+
+    def subscribe(self, callback: Callable[[ProgressEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` for every new event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._events))
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def of_kind(self, kind: str) -> list[ProgressEvent]:
+        return [e for e in self._events if e.kind == kind]

@@ -1,0 +1,143 @@
+"""The ``Market`` seam: everything the requestor says to providers.
+
+It mirrors the three parts of Golem's requestor API so that every backend (the
+embedded market, a TCP hub, the ``yagna`` daemon's REST API) plugs in behind it:
+
+* market: subscribe a demand, receive matching offers, counter-propose, make, confirm
+  and terminate agreements;
+* activity: create an activity on an agreement, run exe-script commands in it, watch
+  its state, destroy it;
+* payment: receive debit notes and invoices, accept or reject them, announce payments.
+
+Every method is async and may raise :class:`~golem_dask.errors.NetworkError`; events
+arrive as async iterators; ids are strings.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from golem_dask.protocol.messages import (
+    Activity,
+    Agreement,
+    DebitNote,
+    Demand,
+    ExeCommand,
+    Invoice,
+    Offer,
+    Payment,
+    Proposal,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OfferReceived:
+    """A provider's offer matched the demand; ``proposal`` is its initial proposal."""
+
+    proposal: Proposal
+
+
+@dataclass(frozen=True, slots=True)
+class OfferWithdrawn:
+    """A provider withdrew an offer (sold out, or re-published with new terms)."""
+
+    offer_id: str
+
+
+MarketEvent = OfferReceived | OfferWithdrawn
+PaymentDocument = DebitNote | Invoice
+
+
+class Market(abc.ABC):
+    """The requestor's side of a market backend."""
+
+    #: Seconds to keep collecting offers after the first one before choosing; a
+    #: backend whose offers all arrive at once (the embedded one) needs none.
+    collection_window_s: float = 0.0
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect.  Called once before anything else."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Disconnect and end every event iterator.  Safe to call twice."""
+
+    # -- market -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def subscribe(self, demand: Demand) -> str:
+        """Publish ``demand``; returns the subscription id."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, subscription_id: str) -> None:
+        """Withdraw the demand; ends its event iterator."""
+
+    @abc.abstractmethod
+    def events(self, subscription_id: str) -> AsyncIterator[MarketEvent]:
+        """Offers that match the demand both ways, and their withdrawals."""
+
+    @abc.abstractmethod
+    async def scan(self) -> list[Offer]:
+        """Every offer the market knows, matching or not (to explain a failed search)."""
+
+    @abc.abstractmethod
+    async def counter(self, subscription_id: str, proposal_id: str, demand: Demand) -> Proposal:
+        """Answer a provider's proposal with ours; returns the provider's reply.
+
+        Raises :class:`~golem_dask.errors.ProposalRejected` with the provider's reason.
+        """
+
+    @abc.abstractmethod
+    async def create_agreement(self, proposal_id: str, valid_to_ms: int) -> Agreement:
+        """Turn the provider's last proposal into an agreement (not yet confirmed)."""
+
+    @abc.abstractmethod
+    async def confirm_agreement(self, agreement_id: str, timeout_s: float) -> Agreement:
+        """Sign the agreement and wait for the provider's approval."""
+
+    @abc.abstractmethod
+    async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
+        """End an agreement; the provider then sends its invoice."""
+
+    # -- activity -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_activity(self, agreement_id: str) -> Activity:
+        """Create the agreement's activity on the provider."""
+
+    @abc.abstractmethod
+    async def exec(
+        self, activity_id: str, commands: Sequence[ExeCommand], timeout_s: float
+    ) -> list[str]:
+        """Run exe-script commands in order; returns each command's output.
+
+        Raises :class:`~golem_dask.errors.ActivityError` naming the failed command.
+        """
+
+    @abc.abstractmethod
+    def activity_events(self, activity_id: str) -> AsyncIterator[Activity]:
+        """State changes of an activity, ending after its final state."""
+
+    @abc.abstractmethod
+    async def destroy_activity(self, activity_id: str) -> None:
+        """Stop the activity and free what it holds on the provider."""
+
+    # -- payment ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def payment_events(self) -> AsyncIterator[PaymentDocument]:
+        """Debit notes and invoices addressed to this requestor."""
+
+    @abc.abstractmethod
+    async def accept(self, document: PaymentDocument, amount: Decimal) -> None:
+        """Accept a debit note or invoice for ``amount``."""
+
+    @abc.abstractmethod
+    async def reject(self, document: PaymentDocument, reason: str) -> None:
+        """Reject a debit note or invoice, telling the provider why."""
+
+    @abc.abstractmethod
+    async def notify_payment(self, payment: Payment) -> None:
+        """Tell the provider that a payment was made (with its transaction hash)."""

@@ -1,0 +1,330 @@
+"""Scoring offers and negotiating them into agreements.
+
+:func:`score` and :func:`summarize` are pure: they rank proposals by expected cost under
+the linear pricing model and say why the others were refused.  :class:`Negotiator`
+keeps the scored offers of one demand subscription up to date and turns the best of
+them into an approved agreement whenever a worker needs one, reserving the agreement's
+worst-case cost in the budget *before* signing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from golem_dask.errors import (
+    BudgetExceededError,
+    NetworkError,
+    NoOffersError,
+    ProposalRejected,
+    ProtocolError,
+)
+from golem_dask.market.base import Market, OfferReceived, OfferWithdrawn
+from golem_dask.market.demand import DemandSpec
+from golem_dask.market.pricing import LinearPricing
+from golem_dask.payment.accountant import Budget
+from golem_dask.protocol import constraints as C
+from golem_dask.protocol import properties as P
+from golem_dask.protocol.messages import Agreement, Demand, Proposal, new_id, now_ms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A matching offer and what it would cost."""
+
+    proposal: Proposal
+    pricing: LinearPricing
+    expected_cost: Decimal
+    worst_case: Decimal
+
+    @property
+    def name(self) -> str:
+        return str(self.proposal.properties.get(P.NODE_NAME, self.proposal.provider_id))
+
+
+def score(
+    proposal: Proposal, spec: DemandSpec, expected_s: Decimal, utilisation: Decimal
+) -> Candidate | str:
+    """Price one provider proposal for ``spec``: a Candidate, or why it is refused.
+
+    Examples
+    --------
+    >>> from golem_dask.protocol.messages import Issuer
+    >>> spec = DemandSpec.from_kwargs(cpu=1, memory="1GiB", max_price_per_cpu_hour="0.1")
+    >>> props = LinearPricing.per_hour(Decimal("0.5"), Decimal("0")).to_properties()
+    >>> p = Proposal(Issuer.PROVIDER, props, "(&)", "offer", "demand", "0xabc")
+    >>> score(p, spec, Decimal(3600), Decimal(1))
+    'over max_price_per_cpu_hour=0.1 (asks 0.5)'
+    """
+    try:
+        pricing = LinearPricing.from_properties(proposal.properties)
+    except ProtocolError as e:
+        return f"unreadable prices: {e}"
+    violations = spec.caps.violations(pricing)
+    if violations:
+        return "; ".join(violations)
+    threads = spec.resources.cpu_threads
+    return Candidate(
+        proposal=proposal,
+        pricing=pricing,
+        expected_cost=pricing.estimate(threads, expected_s, utilisation),
+        worst_case=pricing.worst_case(threads, spec.lifetime_s),
+    )
+
+
+def rank(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Cheapest expected cost first; earlier offers win ties."""
+    return sorted(candidates, key=lambda c: (c.expected_cost, c.proposal.timestamp_ms, c.proposal.id))
+
+
+_SHORT_OF = {
+    P.CPU_THREADS: "short of cpu threads",
+    P.MEM_GIB: "short of memory",
+    P.STORAGE_GIB: "short of storage",
+    P.RUNTIME_NAME: "wrong runtime",
+    P.PRICING_MODEL: "unsupported pricing model",
+}
+
+
+def category(reason: str) -> str:
+    """The kind of a refusal reason, for a one-line summary."""
+    for name, label in _SHORT_OF.items():
+        if reason.startswith(name):
+            return label
+    if reason.startswith("golem.com.payment.platform."):
+        return "no address on our payment platform"
+    return reason.split(" (")[0]
+
+
+def summarize(reasons: Iterable[str]) -> str:
+    """``"2 over max_price_per_cpu_hour=0.1, 1 short of memory"``.
+
+    Examples
+    --------
+    >>> summarize(["over max_price_per_cpu_hour=0.1 (asks 0.5)", "golem.inf.mem.gib>=64 (offer has 24)",
+    ...            "over max_price_per_cpu_hour=0.1 (asks 0.3)"])
+    '2 over max_price_per_cpu_hour=0.1, 1 short of memory'
+    """
+    counts = Counter(category(r) for r in reasons)
+    return ", ".join(f"{n} {label}" for label, n in counts.most_common())
+
+
+@dataclass(frozen=True, slots=True)
+class Deal:
+    """An approved agreement and the budget reservation made for it."""
+
+    agreement: Agreement
+    candidate: Candidate
+    reservation: str
+
+
+class Negotiator:
+    """Keeps one demand on the market and signs agreements from its best offers.
+
+    Parameters
+    ----------
+    market:
+        The backend.
+    spec:
+        What each worker needs.
+    requestor_address:
+        Our payment address (goes into the demand).
+    budget:
+        Reservations are made here before an agreement is signed.
+    """
+
+    def __init__(
+        self,
+        market: Market,
+        spec: DemandSpec,
+        requestor_address: str,
+        budget: Budget,
+        *,
+        negotiation_timeout_s: float,
+        approval_timeout_s: float,
+        expected_s: Decimal,
+        utilisation: Decimal,
+        events: Any = None,
+    ) -> None:
+        self.market = market
+        self.spec = spec
+        self.requestor_address = requestor_address
+        self.budget = budget
+        self.negotiation_timeout_s = negotiation_timeout_s
+        self.approval_timeout_s = approval_timeout_s
+        self.expected_s = expected_s
+        self.utilisation = utilisation
+        self.events = events
+        self.candidates: dict[str, Candidate] = {}
+        self.refused: dict[str, str] = {}  # offer id -> why we refused it
+        self.declined: dict[str, str] = {}  # offer id -> why the provider declined us
+        self._demand: Demand | None = None
+        self._subscription: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self._first_offer_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    def _emit(self, kind: str, message: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, message, **data)
+
+    async def start(self) -> None:
+        """Publish the demand and start following its offers."""
+        self._demand = self.spec.build(self.requestor_address, now_ms())
+        self._subscription = await self.market.subscribe(self._demand)
+        self._task = asyncio.create_task(self._follow(self._subscription), name="golem-negotiator")
+
+    async def close(self) -> None:
+        """Stop following offers and withdraw the demand.  Safe to call twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await self.market.unsubscribe(sub)
+
+    async def _follow(self, subscription: str) -> None:
+        async for event in self.market.events(subscription):
+            if isinstance(event, OfferReceived):
+                self._add(event.proposal)
+            elif isinstance(event, OfferWithdrawn):
+                self.candidates.pop(event.offer_id, None)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _add(self, proposal: Proposal) -> None:
+        result = score(proposal, self.spec, self.expected_s, self.utilisation)
+        name = proposal.properties.get(P.NODE_NAME, proposal.provider_id)
+        if isinstance(result, str):
+            self.refused[proposal.offer_id] = result
+            self._emit("rejected", f"offer from {name} refused: {result}", provider=proposal.provider_id)
+            return
+        if self._first_offer_at is None:
+            self._first_offer_at = asyncio.get_running_loop().time()
+        self.candidates[proposal.offer_id] = result
+        self._emit(
+            "offer",
+            f"offer from {name}: {result.pricing.price_per_cpu_hour} GLM/cpu-hour, "
+            f"{result.pricing.price_per_hour} GLM/hour, expected {result.expected_cost} GLM",
+            provider=proposal.provider_id,
+        )
+
+    async def _wait_for_offers(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
+
+    async def acquire(self, worker: str) -> Deal:
+        """Sign an approved agreement for one worker with the cheapest fitting offer.
+
+        Raises
+        ------
+        NoOffersError
+            Nothing matched within the negotiation timeout; the message says why.
+        BudgetExceededError
+            Matching offers exist but the budget cannot cover another agreement.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.negotiation_timeout_s
+        declined_here: set[str] = set()
+        while True:
+            window = self.market.collection_window_s
+            if window and self._first_offer_at is not None and loop.time() < self._first_offer_at + window:
+                await asyncio.sleep(self._first_offer_at + window - loop.time())
+            options = [c for c in rank(self.candidates.values()) if c.proposal.offer_id not in declined_here]
+            if not options:
+                try:
+                    await self._wait_for_offers(deadline)
+                except asyncio.TimeoutError:
+                    raise NoOffersError(await self.explain()) from None
+                continue
+            affordable = [c for c in options if self.budget.can_afford(c.worst_case)]
+            if not affordable:
+                cheapest = min(c.worst_case for c in options)
+                self._emit("budget", f"budget cannot cover another agreement (worst case {cheapest} GLM, "
+                           f"{self.budget.remaining} GLM left)")
+                self.budget.reserve("probe", cheapest)  # raises with the full explanation
+            candidate = affordable[0]
+            try:
+                return await self._sign(candidate, worker)
+            except ProposalRejected as e:
+                declined_here.add(candidate.proposal.offer_id)
+                self.declined[candidate.proposal.offer_id] = str(e)
+                logger.info("%s declined by %s: %s", worker, candidate.name, e)
+            except NetworkError as e:
+                declined_here.add(candidate.proposal.offer_id)
+                logger.warning("%s: market error with %s: %s", worker, candidate.name, e)
+            if loop.time() > deadline:
+                raise NoOffersError(await self.explain())
+
+    async def _sign(self, candidate: Candidate, worker: str) -> Deal:
+        assert self._demand is not None and self._subscription is not None
+        reservation = new_id()
+        self.budget.reserve(reservation, candidate.worst_case)
+        try:
+            demand = Demand(
+                properties={**self._demand.properties, P.EXPIRATION: now_ms() + int(self.spec.lifetime_s * 1000)},
+                constraints=self._demand.constraints,
+                id=self._demand.id,
+            )
+            reply = await self.market.counter(self._subscription, candidate.proposal.id, demand)
+            agreement = await self.market.create_agreement(reply.id, int(demand.properties[P.EXPIRATION]))
+            approved = await self.market.confirm_agreement(agreement.id, self.approval_timeout_s)
+        except BaseException:
+            self.budget.release(reservation)
+            raise
+        self._emit(
+            "agreement",
+            f"agreement {approved.id[:8]} with {candidate.name} for {worker} "
+            f"(reserved up to {candidate.worst_case} GLM)",
+            agreement_id=approved.id,
+            provider=approved.provider_id,
+        )
+        return Deal(approved, candidate, reservation)
+
+    async def explain(self) -> str:
+        """Why no offer could be used, offer by offer in summary."""
+        constraint = str(self.spec.constraints)
+        reasons: list[str] = list(self.refused.values()) + list(self.declined.values())
+        seen = set(self.refused) | set(self.declined) | set(self.candidates)
+        try:
+            offers = await self.market.scan()
+        except Exception:  # the explanation is best effort
+            offers = []
+        demand_filter = self.spec.constraints
+        for offer in offers:
+            if offer.id in seen:
+                continue
+            why = C.explain(demand_filter, offer.properties)
+            if not why and self._demand is not None:
+                why = [f"offer's own constraints refuse us: {r}" for r in C.explain(C.parse(offer.constraints), self._demand.properties)]
+            reasons.extend(why[:1])
+        timeout = self.negotiation_timeout_s
+        if not reasons:
+            return f"no provider offered anything matching {constraint} within {timeout:g}s (the market has no offers)"
+        return (
+            f"no provider matched {constraint} within {timeout:g}s; {len(reasons)} offers were rejected: "
+            f"{summarize(reasons)}"
+        )
+
+
+def explain_offers(offers: Iterable[Mapping[str, Any]], constraint: C.Filter) -> list[str]:
+    """The first failing clause of each offer's properties against ``constraint``."""
+    out = []
+    for props in offers:
+        why = C.explain(constraint, props)
+        if why:
+            out.append(why[0])
+    return out

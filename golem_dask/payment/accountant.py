@@ -1,0 +1,404 @@
+"""The requestor's accountant: its own metering, checked bills, the budget, the bill.
+
+For every agreement the accountant keeps what the requestor itself saw: when the
+activity started and stopped (wall clock on the requestor's side) and how much CPU the
+worker reported to the scheduler.  A provider's debit note or invoice is accepted only
+if its usage fits within that metering (with a configurable tolerance) and its amount
+is exactly the agreed price of its usage.  Accepted invoices are paid through the
+:class:`~golem_dask.payment.base.Payer`; rejected ones are not, and the reason goes into
+the bill.
+
+The budget is an allocation: signing an agreement reserves its worst-case cost, paying
+it releases what was not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from golem_dask.errors import BudgetExceededError, PaymentError
+from golem_dask.market.pricing import LinearPricing
+from golem_dask.payment.base import Payer
+from golem_dask.protocol import properties as P
+from golem_dask.protocol.messages import Agreement, DebitNote, Invoice, Payment
+
+logger = logging.getLogger(__name__)
+
+
+class Budget:
+    """Token amounts reserved for agreements, out of a fixed total.
+
+    Examples
+    --------
+    >>> b = Budget(Decimal("1"))
+    >>> b.reserve("a", Decimal("0.6"))
+    >>> b.can_afford(Decimal("0.5"))
+    False
+    >>> b.settle("a", Decimal("0.1"))
+    >>> b.remaining
+    Decimal('0.9')
+    """
+
+    def __init__(self, total: Decimal) -> None:
+        if total < 0:
+            raise ValueError("budget must be >= 0")
+        self.total = total
+        self.spent = Decimal(0)
+        self._reserved: dict[str, Decimal] = {}
+
+    @property
+    def reserved(self) -> Decimal:
+        return sum(self._reserved.values(), Decimal(0))
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.total - self.spent - self.reserved
+
+    def can_afford(self, amount: Decimal) -> bool:
+        return amount <= self.remaining
+
+    def reserve(self, key: str, amount: Decimal) -> None:
+        """Reserve ``amount`` for ``key`` or raise BudgetExceededError."""
+        if not self.can_afford(amount):
+            raise BudgetExceededError(
+                f"budget {self.total} GLM: {self.remaining} left after {self.spent} spent and "
+                f"{self.reserved} reserved, but the next agreement may cost up to {amount}; "
+                f"raise budget= or lower golem.market.agreement-lifetime"
+            )
+        self._reserved[key] = amount
+
+    def reserved_for(self, key: str) -> Decimal:
+        return self._reserved.get(key, Decimal(0))
+
+    def rekey(self, old: str, new: str) -> None:
+        self._reserved[new] = self._reserved.pop(old)
+
+    def release(self, key: str) -> None:
+        self._reserved.pop(key, None)
+
+    def settle(self, key: str, amount: Decimal) -> None:
+        """Turn a reservation into ``amount`` spent."""
+        self._reserved.pop(key, None)
+        self.spent += amount
+
+
+class EntryStatus(str, Enum):
+    RUNNING = "running"
+    AWAITING_INVOICE = "awaiting invoice"
+    PAID = "paid"
+    REJECTED = "rejected"
+    FAILED = "payment failed"
+    NOTHING_DUE = "nothing due"
+
+
+@dataclass(slots=True)
+class AgreementAccount:
+    """What the requestor knows about one agreement's cost."""
+
+    agreement: Agreement
+    pricing: LinearPricing
+    worker: str
+    threads: int
+    started: float | None = None
+    stopped: float | None = None
+    observed_cpu_sec: Decimal = Decimal(0)
+    invoice: Invoice | None = None
+    last_debit_note: DebitNote | None = None
+    status: EntryStatus = EntryStatus.RUNNING
+    reason: str | None = None
+    amount: Decimal = Decimal(0)
+    tx_hash: str | None = None
+    invoice_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def duration(self, now: float | None = None) -> Decimal:
+        if self.started is None:
+            return Decimal(0)
+        end = self.stopped if self.stopped is not None else (now or time.time())
+        return Decimal(str(round(end - self.started, 3)))
+
+
+@dataclass(frozen=True, slots=True)
+class BillEntry:
+    """One agreement's line in the bill."""
+
+    worker: str
+    provider: str
+    agreement_id: str
+    usage: Mapping[str, Decimal]
+    observed_cpu_sec: Decimal
+    observed_duration_sec: Decimal
+    amount: Decimal
+    status: str
+    tx_hash: str | None
+    reason: str | None
+
+    @property
+    def cpu_sec(self) -> Decimal:
+        return Decimal(self.usage.get(P.USAGE_CPU_SEC, 0))
+
+    @property
+    def duration_sec(self) -> Decimal:
+        return Decimal(self.usage.get(P.USAGE_DURATION_SEC, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """Every agreement of a cluster with its usage, amount and payment.
+
+    ``str(bill)`` is a table; ``bill.total`` is what was paid.
+    """
+
+    entries: tuple[BillEntry, ...]
+    platform: str
+    payer: str
+
+    @property
+    def total(self) -> Decimal:
+        return sum((e.amount for e in self.entries if e.status == EntryStatus.PAID.value), Decimal(0))
+
+    @property
+    def owed(self) -> Decimal:
+        """Accepted but not (yet) paid."""
+        return sum(
+            (e.amount for e in self.entries if e.status in {EntryStatus.FAILED.value, EntryStatus.AWAITING_INVOICE.value}),
+            Decimal(0),
+        )
+
+    def __str__(self) -> str:
+        header = ("worker", "provider", "agreement", "cpu_sec", "duration_sec", "amount GLM", "status", "transaction")
+        rows = [
+            (
+                e.worker,
+                e.provider[:10] + "…",
+                e.agreement_id[:8],
+                str(e.cpu_sec),
+                str(e.duration_sec),
+                str(e.amount),
+                e.status + (f" ({e.reason})" if e.reason else ""),
+                e.tx_hash or "-",
+            )
+            for e in self.entries
+        ]
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [f"Bill for {self.payer} on {self.platform}", fmt.format(*header)]
+        lines += [fmt.format(*r) for r in rows]
+        lines.append(f"total paid: {self.total} GLM" + (f"; still owed: {self.owed} GLM" if self.owed else ""))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """How far a provider's usage may exceed the requestor's own metering."""
+
+    relative: Decimal = Decimal("0.25")
+    cpu_allowance_sec: Decimal = Decimal(5)
+    duration_allowance_sec: Decimal = Decimal(2)
+
+
+def check_usage(
+    usage: Mapping[str, Decimal],
+    amount: Decimal,
+    account: AgreementAccount,
+    tolerance: Tolerance,
+) -> str | None:
+    """Why a provider's claimed usage or amount is wrong, or ``None`` if it is right.
+
+    Pure: reads the account, changes nothing.
+    """
+    try:
+        cpu = Decimal(usage.get(P.USAGE_CPU_SEC, 0))
+        duration = Decimal(usage.get(P.USAGE_DURATION_SEC, 0))
+    except ArithmeticError:
+        return "usage counters are not numbers"
+    if cpu < 0 or duration < 0:
+        return "negative usage"
+    expected = account.pricing.cost(usage)
+    if amount != expected:
+        return f"amount {amount} is not the agreed price of its usage ({expected})"
+    ours = account.duration()
+    max_duration = ours * (1 + tolerance.relative) + tolerance.duration_allowance_sec
+    if duration > max_duration:
+        return f"duration_sec {duration} exceeds our metering ({ours}s, allowed {max_duration.normalize()})"
+    max_cpu_physical = duration * account.threads * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
+    max_cpu_observed = account.observed_cpu_sec * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
+    max_cpu = min(max_cpu_physical, max_cpu_observed)
+    if cpu > max_cpu:
+        return (
+            f"cpu_sec {cpu} exceeds our metering (scheduler saw {account.observed_cpu_sec} cpu-seconds "
+            f"on {account.threads} threads over {duration}s; allowed {max_cpu.normalize()})"
+        )
+    return None
+
+
+class Accountant:
+    """Checks debit notes and invoices, pays accepted invoices, keeps the bill.
+
+    Parameters
+    ----------
+    payer:
+        Moves the money.
+    budget:
+        The allocation agreements are reserved against.
+    tolerance:
+        Slack allowed between a provider's usage and ours.
+    """
+
+    def __init__(self, payer: Payer, budget: Budget, tolerance: Tolerance, events: Any = None) -> None:
+        self.payer = payer
+        self.budget = budget
+        self.tolerance = tolerance
+        self.events = events
+        self.accounts: dict[str, AgreementAccount] = {}
+        self.payments: list[Payment] = []
+        self._pay_lock = asyncio.Lock()
+
+    def _emit(self, kind: str, message: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, message, **data)
+
+    def open(self, agreement: Agreement, worker: str, reservation: str) -> AgreementAccount:
+        """Start keeping an account for a newly signed agreement."""
+        resources = P.Resources.from_properties(agreement.demand.properties)
+        account = AgreementAccount(
+            agreement=agreement,
+            pricing=LinearPricing.from_properties(agreement.offer.properties),
+            worker=worker,
+            threads=resources.cpu_threads,
+        )
+        self.accounts[agreement.id] = account
+        self.budget.rekey(reservation, agreement.id)
+        return account
+
+    def activity_started(self, agreement_id: str) -> None:
+        account = self.accounts[agreement_id]
+        if account.started is None:
+            account.started = time.time()
+
+    def activity_stopped(self, agreement_id: str) -> None:
+        account = self.accounts.get(agreement_id)
+        if account is not None and account.started is not None and account.stopped is None:
+            account.stopped = time.time()
+
+    def observe_cpu(self, agreement_id: str, cpu_sec: Decimal) -> None:
+        """Add CPU seconds the scheduler saw a worker use."""
+        account = self.accounts.get(agreement_id)
+        if account is not None and account.stopped is None:
+            account.observed_cpu_sec += cpu_sec
+
+    async def on_document(self, market: Any, document: DebitNote | Invoice) -> None:
+        """Check one debit note or invoice from the market and answer it."""
+        account = self.accounts.get(document.agreement_id)
+        if account is None:
+            await market.reject(document, "unknown agreement")
+            return
+        if isinstance(document, DebitNote):
+            reason = check_usage(document.usage, document.total_amount_due, account, self.tolerance)
+            if reason is None:
+                account.last_debit_note = document
+                await market.accept(document, document.total_amount_due)
+            else:
+                self._emit("warning", f"rejected debit note from {account.worker}: {reason}")
+                await market.reject(document, reason)
+            return
+        if account.invoice is not None:
+            await market.reject(document, f"agreement already invoiced by {account.invoice.id}")
+            return
+        account.invoice = document
+        account.invoice_arrived.set()
+
+    async def settle(self, market: Any, agreement_id: str, timeout_s: float) -> AgreementAccount:
+        """Wait for an agreement's invoice, check it, and pay it if it is right."""
+        account = self.accounts[agreement_id]
+        if account.settled.is_set():
+            return account
+        try:
+            await asyncio.wait_for(account.invoice_arrived.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            account.status = EntryStatus.AWAITING_INVOICE
+            account.reason = f"no invoice within {timeout_s}s"
+            self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; nothing paid")
+            return account
+        invoice = account.invoice
+        assert invoice is not None
+        account.stopped = account.stopped or time.time()
+        reason = check_usage(invoice.usage, invoice.amount, account, self.tolerance)
+        if reason is None and invoice.payee_addr != account.agreement.provider_id:
+            reason = f"payee {invoice.payee_addr} is not the agreement's provider"
+        if reason is None and invoice.amount > self.budget.reserved_for(agreement_id):
+            reason = f"amount {invoice.amount} is over the agreement's worst case"
+        if reason is not None:
+            account.status = EntryStatus.REJECTED
+            account.reason = reason
+            self.budget.release(agreement_id)
+            self._emit("invoice", f"rejected invoice of {invoice.amount} GLM from {account.worker}: {reason}")
+            await market.reject(invoice, reason)
+            account.settled.set()
+            return account
+        account.amount = invoice.amount
+        await market.accept(invoice, invoice.amount)
+        if invoice.amount == 0:
+            account.status = EntryStatus.NOTHING_DUE
+            self.budget.settle(agreement_id, Decimal(0))
+            account.settled.set()
+            return account
+        await self._pay(market, account, invoice)
+        return account
+
+    async def _pay(self, market: Any, account: AgreementAccount, invoice: Invoice) -> None:
+        try:
+            transfer = await self.payer.pay(invoice.payee_addr, invoice.amount, reference=invoice.id)
+        except PaymentError as e:
+            account.status = EntryStatus.FAILED
+            account.reason = str(e)
+            self._emit("warning", f"payment of {invoice.amount} GLM to {invoice.payee_addr} failed: {e}")
+            return
+        account.status = EntryStatus.PAID
+        account.tx_hash = transfer.tx_hash
+        self.budget.settle(account.agreement.id, invoice.amount)
+        payment = Payment(
+            payer_addr=self.payer.address,
+            payee_addr=invoice.payee_addr,
+            amount=invoice.amount,
+            payment_platform=self.payer.platform,
+            invoice_ids=(invoice.id,),
+            tx_hash=transfer.tx_hash,
+        )
+        self.payments.append(payment)
+        account.settled.set()
+        self._emit("payment", f"paid {invoice.amount} GLM to {invoice.payee_addr} for {account.worker} in {transfer.tx_hash}",
+                   amount=invoice.amount, tx_hash=transfer.tx_hash)
+        try:
+            await market.notify_payment(payment)
+        except Exception as e:  # the money moved; telling the provider is best effort
+            logger.warning("could not notify provider of payment %s: %s", transfer.tx_hash, e)
+
+    def bill(self) -> Bill:
+        entries = []
+        for account in self.accounts.values():
+            usage = dict(account.invoice.usage) if account.invoice else (
+                dict(account.last_debit_note.usage) if account.last_debit_note else {}
+            )
+            entries.append(
+                BillEntry(
+                    worker=account.worker,
+                    provider=account.agreement.provider_id,
+                    agreement_id=account.agreement.id,
+                    usage=usage,
+                    observed_cpu_sec=account.observed_cpu_sec,
+                    observed_duration_sec=account.duration(),
+                    amount=account.invoice.amount if account.invoice else Decimal(0),
+                    status=account.status.value,
+                    tx_hash=account.tx_hash,
+                    reason=account.reason,
+                )
+            )
+        return Bill(tuple(entries), self.payer.platform, self.payer.address)

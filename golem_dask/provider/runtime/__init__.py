@@ -1,0 +1,1 @@
+"""provider runtime layer of golem-dask."""

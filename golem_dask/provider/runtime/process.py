@@ -1,0 +1,175 @@
+"""The ``process`` runtime: ``dask worker`` as a child process of the provider agent.
+
+No engine is needed, so this is the embedded default where Docker is absent.  There is
+no sandbox beyond a working directory: sell it only to requestors you trust (on one
+machine, yourself).  The agreed threads and memory are enforced by the command line the
+provider builds, whatever the requestor asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import psutil
+
+from golem_dask.errors import ActivityError
+from golem_dask.provider.runtime.base import Runtime, RuntimeActivity
+from golem_dask.transfer import copy
+
+logger = logging.getLogger(__name__)
+
+#: Options the provider sets itself from the agreement; a requestor's values are dropped.
+_ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
+_TERMINATE_GRACE_S = 5.0
+
+
+def worker_command(args: Sequence[str], threads: int, memory_bytes: int) -> list[str]:
+    """The ``dask worker`` command line for the agreed resources.
+
+    Examples
+    --------
+    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30)[3:]
+    ['worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
+    """
+    if not args or args[0] != "worker":
+        raise ActivityError(f"the process runtime only runs 'dask worker', not {list(args)[:2]}")
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _ENFORCED:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return [sys.executable, "-m", "dask", *kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
+
+
+class ProcessActivity(RuntimeActivity):
+    """One ``dask worker`` child process in a working directory of its own."""
+
+    def __init__(self, activity_id: str, agreement_id: str, resources, root: str | None) -> None:
+        super().__init__(activity_id, agreement_id, resources)
+        self._root = root
+        self.workdir: Path | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._ps: psutil.Process | None = None
+        self._cpu = Decimal(0)
+        self._log_path: Path | None = None
+
+    async def deploy(self) -> str:
+        return f"python {sys.version.split()[0]} at {sys.executable}"
+
+    async def start(self) -> str:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self._root))
+        return f"working directory {self.workdir}"
+
+    async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
+        if entry_point != "dask":
+            raise ActivityError(f"the process runtime only runs 'dask', not {entry_point!r}")
+        if self.workdir is None:
+            raise ActivityError("run before start: the exe-script must start the activity first")
+        cmd = worker_command(args, self.resources.cpu_threads, self.resources.memory_bytes)
+        self._log_path = self.workdir / "worker.log"
+        with open(self._log_path, "wb") as log:
+            # A session of its own: a Ctrl-C meant for the requestor's terminal must not
+            # kill workers behind the agent's back; the agent stops them itself.
+            self._process = await asyncio.create_subprocess_exec(
+                *cmd,
+                cwd=self.workdir,
+                env={**os.environ, **env},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._ps = psutil.Process(self._process.pid)
+        return f"pid {self._process.pid}: {' '.join(cmd[3:5])}"
+
+    async def transfer(self, source: str, destination: str) -> str:
+        if self.workdir is None:
+            raise ActivityError("transfer before start: the exe-script must start the activity first")
+        root = str(self.workdir)
+
+        def local(url: str) -> str:
+            # Container-style absolute paths (/golem/input/x) live under the workdir.
+            return root + url if url.startswith("/") and not url.startswith(root) else url
+
+        result = await asyncio.to_thread(copy, local(source), local(destination))
+        return f"{result.nbytes} bytes {source} -> {destination}"
+
+    def _sample_cpu(self) -> Decimal:
+        if self._ps is not None:
+            with contextlib.suppress(psutil.Error):
+                t = self._ps.cpu_times()
+                total = t.user + t.system + t.children_user + t.children_system
+                self._cpu = max(self._cpu, Decimal(str(round(total, 3))))
+        return self._cpu
+
+    async def cpu_seconds(self) -> Decimal:
+        return self._sample_cpu()
+
+    async def wait(self) -> int:
+        if self._process is None:
+            raise ActivityError("nothing runs in this activity")
+        return await self._process.wait()
+
+    async def terminate(self) -> None:
+        proc, self._process = self._process, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            # Sample while it shuts down: once reaped, its CPU time is gone.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _TERMINATE_GRACE_S
+            while proc.returncode is None and loop.time() < deadline:
+                self._sample_cpu()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.05)
+            if proc.returncode is None:
+                logger.warning("activity %s did not stop in %ss; killing it", self.activity_id, _TERMINATE_GRACE_S)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self.workdir is not None:
+            self._last_logs = self.logs()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def logs(self) -> str:
+        if self._log_path is not None and self._log_path.exists():
+            return self._log_path.read_text(errors="replace")
+        return getattr(self, "_last_logs", "")
+
+
+class ProcessRuntime(Runtime):
+    """Runs each activity as a ``dask worker`` child process.
+
+    Parameters
+    ----------
+    root:
+        Where activities' working directories go (default: the system temp dir).
+    """
+
+    name = "process"
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = root
+
+    def properties(self) -> dict[str, object]:
+        return {"golem.runtime.version": sys.version.split()[0]}
+
+    def activity(self, activity_id: str, agreement_id: str, resources) -> ProcessActivity:
+        return ProcessActivity(activity_id, agreement_id, resources, self.root)

@@ -1,0 +1,216 @@
+"""``GolemWorker``: one rented Dask worker, from agreement to payment.
+
+``start`` is negotiate → activity (deploy, start, run ``dask worker``) → registered with
+the scheduler.  ``close`` is stop the activity → terminate the agreement → settle the
+invoice, and it releases everything it can even when a step fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from golem_dask.errors import ActivityError, GolemDaskError
+from golem_dask.market.base import Market
+from golem_dask.market.negotiation import Deal, Negotiator
+from golem_dask.payment.accountant import Accountant
+from golem_dask.protocol.messages import ActivityState, ExeCommand
+
+logger = logging.getLogger(__name__)
+
+
+class Registrations(SchedulerPlugin):
+    """Tells waiting workers when a Dask worker with their name joins the scheduler."""
+
+    name = "golem-registrations"
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[str]] = {}
+        self.addresses: dict[str, str] = {}  # worker name -> address
+
+    def expect(self, name: str) -> asyncio.Future[str]:
+        fut = self._waiting.get(name)
+        if fut is None or fut.done():
+            fut = self._waiting[name] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def forget(self, name: str) -> None:
+        fut = self._waiting.pop(name, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        self.addresses.pop(name, None)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        name = str(ws.name) if ws is not None else None
+        if name is None:
+            return
+        self.addresses[name] = worker
+        fut = self._waiting.get(name)
+        if fut is not None and not fut.done():
+            fut.set_result(worker)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestorParts:
+    """The requestor's components a worker uses (held by the cluster, shared)."""
+
+    market: Market
+    negotiator: Negotiator
+    accountant: Accountant
+    registrations: Registrations
+    events: Any
+    start_timeout_s: float
+    close_timeout_s: float
+    invoice_timeout_s: float
+    on_lost: Callable[[str, str], None]
+    worker_options: Sequence[str] = ()
+
+
+class GolemWorker(ProcessInterface):
+    """A Dask worker rented from a provider for the length of one agreement.
+
+    Parameters
+    ----------
+    scheduler:
+        The scheduler address the worker joins.
+    name:
+        The Dask worker name; the bill and the provider's activity tie it to its agreement.
+    parts:
+        The cluster's market, negotiator and accountant.
+    """
+
+    def __init__(self, scheduler: str, name: str, parts: RequestorParts) -> None:
+        super().__init__(scheduler=scheduler, name=name)
+        self.scheduler = scheduler
+        self.name = str(name)
+        self.parts = parts
+        self.deal: Deal | None = None
+        self.activity_id: str | None = None
+        self.error: BaseException | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._failed = asyncio.Event()
+        self._failure = ""
+        self._ready = False
+        self._released = False
+
+    def __repr__(self) -> str:
+        agreement = self.deal.agreement.id[:8] if self.deal else "-"
+        return f"<GolemWorker {self.name!r} agreement={agreement} status={self.status.name}>"
+
+    @property
+    def agreement_id(self) -> str | None:
+        return self.deal.agreement.id if self.deal else None
+
+    def command(self) -> list[str]:
+        """The ``dask worker`` arguments sent to the provider (it adds threads and memory)."""
+        return [
+            "worker",
+            self.scheduler,
+            "--name",
+            self.name,
+            "--no-nanny",
+            "--no-dashboard",
+            # Without a requestor the worker is useless: exit rather than linger.
+            "--death-timeout",
+            "60",
+            *self.parts.worker_options,
+        ]
+
+    async def start(self) -> None:
+        p = self.parts
+        try:
+            self.deal = await p.negotiator.acquire(self.name)
+            agreement = self.deal.agreement
+            p.accountant.open(agreement, self.name, self.deal.reservation)
+            activity = await p.market.create_activity(agreement.id)
+            self.activity_id = activity.id
+            self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
+            registered = p.registrations.expect(self.name)
+            p.accountant.activity_started(agreement.id)
+            env = {"GOLEM_AGREEMENT_ID": agreement.id, "GOLEM_ACTIVITY_ID": activity.id}
+            script = [
+                ExeCommand("deploy"),
+                ExeCommand("start"),
+                ExeCommand("run", {"entry_point": "dask", "args": self.command(), "env": env}),
+            ]
+            await p.market.exec(activity.id, script, p.start_timeout_s)
+            failed = asyncio.ensure_future(self._failed.wait())
+            try:
+                done, _ = await asyncio.wait({registered, failed}, timeout=p.start_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                failed.cancel()
+            if self._failed.is_set():
+                raise ActivityError(f"worker {self.name} died before joining the scheduler: {self._failure}")
+            if registered not in done:
+                raise ActivityError(f"worker {self.name} did not join the scheduler within {p.start_timeout_s:g}s "
+                                    "(golem.worker.start-timeout)")
+            self.address = registered.result()
+            self._ready = True
+            p.events.emit("worker", f"worker {self.name} ready at {self.address} "
+                          f"(agreement {agreement.id[:8]} with {self.deal.candidate.name})", worker=self.name)
+        except BaseException as e:
+            self.error = e
+            self.status = Status.failed
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._release(f"worker failed to start: {e}"), p.close_timeout_s)
+            raise
+        await super().start()
+
+    async def _follow(self, activity_id: str) -> None:
+        async for activity in self.parts.market.activity_events(activity_id):
+            if activity.state in (ActivityState.FAILED, ActivityState.TERMINATED) and not self._released:
+                self._failure = activity.reason or activity.state.value
+                self._failed.set()
+                if self._ready:
+                    self.parts.on_lost(self.name, self._failure)
+                return
+
+    async def close(self) -> None:
+        if self.status == Status.closed:
+            return
+        try:
+            await asyncio.wait_for(self._release("worker retired"), self.parts.close_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("closing worker %s took longer than %ss (golem.worker.close-timeout)",
+                           self.name, self.parts.close_timeout_s)
+        finally:
+            await super().close()
+
+    async def _release(self, reason: str) -> None:
+        """Stop, terminate and settle; each step runs even if an earlier one failed."""
+        if self._released:
+            return
+        self._released = True
+        p = self.parts
+        agreement_id = self.agreement_id
+        if self.activity_id is not None:
+            await _attempt(p.market.destroy_activity(self.activity_id), f"stopping {self.name}")
+        if agreement_id is not None:
+            p.accountant.activity_stopped(agreement_id)
+            await _attempt(p.market.terminate_agreement(agreement_id, reason), f"terminating {agreement_id}")
+            account = await _attempt(p.accountant.settle(p.market, agreement_id, p.invoice_timeout_s),
+                                     f"settling {agreement_id}")
+            if account is not None:
+                p.events.emit("worker", f"worker {self.name} released: {account.status.value}, "
+                              f"{account.amount} GLM", worker=self.name)
+        if self._watch is not None:
+            self._watch.cancel()
+        p.registrations.forget(self.name)
+
+
+async def _attempt(coro: Any, what: str) -> Any:
+    try:
+        return await coro
+    except (GolemDaskError, OSError) as e:
+        logger.warning("%s failed: %s", what, e)
+        return None
