@@ -39,7 +39,9 @@ def from_wei(wei: int) -> Decimal:
     >>> from_wei(1500000000000000000)
     Decimal('1.5')
     """
-    return (Decimal(wei) / WEI_PER_TOKEN).normalize() if wei else Decimal(0)
+    amount = Decimal(wei).scaleb(-TOKEN_DECIMALS).normalize()
+    # normalize() writes whole tens as 1E+1; keep plain notation for people and logs.
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Payments: how the requestor's tokens move to providers."""

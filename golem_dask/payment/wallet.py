@@ -1,0 +1,289 @@
+"""The requestor's Ethereum key, held so that it cannot leak.
+
+A :class:`Wallet` signs transactions and message hashes but never hands its private
+key out: it has no accessor for it, its ``repr`` shows only the address, and it refuses
+to be pickled or copied, so it cannot ride along into a dask task graph, a log record
+or a crash dump of a worker.
+
+``eth_keys``/``eth_account`` cost about a second to import, so this module imports
+them inside the methods that need them; ``import golem_dask.payment.wallet`` stays
+cheap for code paths (CLI, config validation) that never sign anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from golem_dask.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["Wallet"]
+
+#: Order of the secp256k1 group; a private key must lie in ``[1, N - 1]``.
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+_HEX_KEY = re.compile(r"(?:0x)?([0-9a-fA-F]{64})")
+
+
+class _MalformedKey(ValueError):
+    """Internal: the key material is malformed.  The message never contains it."""
+
+
+def _parse_key(key: str | bytes | bytearray) -> bytes:
+    # Every error message here describes the *shape* that was expected and never
+    # includes the input: a typo'd key is still mostly a key.
+    if isinstance(key, str):
+        match = _HEX_KEY.fullmatch(key.strip())
+        if match is None:
+            raise _MalformedKey("expected 64 hex digits, optionally prefixed with 0x")
+        raw = bytes.fromhex(match.group(1))
+    elif isinstance(key, bytes | bytearray):
+        if len(key) != 32:
+            raise _MalformedKey(f"expected 32 bytes, got {len(key)}")
+        raw = bytes(key)
+    else:
+        raise _MalformedKey(f"expected a hex string or 32 bytes, got {type(key).__name__}")
+    if not 0 < int.from_bytes(raw, "big") < _SECP256K1_N:
+        raise _MalformedKey("the value is not a valid secp256k1 private key")
+    return raw
+
+
+class Wallet:
+    """An Ethereum account whose private key never leaves the object.
+
+    Create one with :meth:`generate`, :meth:`from_key` or :meth:`from_env`.  The
+    wallet signs; it does not talk to a chain.
+
+    Parameters
+    ----------
+    key:
+        Use the class methods instead; the constructor is private API.
+
+    Attributes
+    ----------
+    address:
+        The checksummed address of the account.
+
+    Examples
+    --------
+    >>> wallet = Wallet.generate()
+    >>> wallet.address.startswith("0x") and len(wallet.address) == 42
+    True
+    >>> repr(wallet) == f"Wallet(address={wallet.address!r})"
+    True
+    >>> import pickle
+    >>> pickle.dumps(wallet)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: Wallet objects hold a private key and cannot be pickled ...
+    """
+
+    # __slots__ rather than __dict__ keeps the key out of vars(wallet), which generic
+    # serialisers and debuggers' "show object" views walk.
+    __slots__ = ("__key", "_address")
+
+    def __init__(self, _key: bytes, /) -> None:
+        from eth_keys import keys  # lazy: ~0.4 s import
+
+        self.__key = _key
+        self._address: str = keys.PrivateKey(_key).public_key.to_checksum_address()
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def generate(cls) -> Wallet:
+        """Create a wallet with a fresh random key from the OS's CSPRNG.
+
+        Examples
+        --------
+        >>> Wallet.generate().address != Wallet.generate().address
+        True
+        """
+        while True:
+            raw = secrets.token_bytes(32)
+            # Rejection sampling: about 1 in 2**128 draws is outside [1, N-1].
+            if 0 < int.from_bytes(raw, "big") < _SECP256K1_N:
+                return cls(raw)
+
+    @classmethod
+    def from_key(cls, key: str | bytes | bytearray) -> Wallet:
+        """Create a wallet from a private key.
+
+        Parameters
+        ----------
+        key:
+            64 hex digits (``0x`` prefix optional) or 32 raw bytes.
+
+        Raises
+        ------
+        ConfigError
+            If ``key`` is malformed.  The message never repeats the key.
+
+        Examples
+        --------
+        >>> Wallet.from_key("0x" + "11" * 32).address
+        '0x19E7E376E7C213B7E7e7e46cc70A5dD086DAff2A'
+        """
+        try:
+            return cls(_parse_key(key))
+        except _MalformedKey as e:
+            # `from None`: the chained exception would add nothing but another frame
+            # that a traceback printer might show with locals.
+            raise ConfigError(f"malformed private key: {e}") from None
+
+    @classmethod
+    def from_env(cls, var_name: str, *, environ: Mapping[str, str] | None = None) -> Wallet:
+        """Create a wallet from a private key in an environment variable.
+
+        Parameters
+        ----------
+        var_name:
+            Name of the variable, e.g. ``"GOLEM_DASK_PRIVATE_KEY"``.
+        environ:
+            Mapping to read instead of :data:`os.environ` (for tests).
+
+        Raises
+        ------
+        ConfigError
+            If the variable is unset, empty or does not hold a valid key.  The message
+            names the variable and never repeats its value.
+
+        Examples
+        --------
+        >>> env = {"MY_KEY": "11" * 32}
+        >>> Wallet.from_env("MY_KEY", environ=env).address
+        '0x19E7E376E7C213B7E7e7e46cc70A5dD086DAff2A'
+        >>> Wallet.from_env("MISSING_KEY", environ={})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        golem_dask.errors.ConfigError: environment variable MISSING_KEY is not set; ...
+        """
+        env = os.environ if environ is None else environ
+        value = env.get(var_name)
+        if value is None or not value.strip():
+            raise ConfigError(
+                f"environment variable {var_name} is not set; set it to the requestor's "
+                "private key (64 hex digits, optionally prefixed with 0x)"
+            )
+        try:
+            return cls(_parse_key(value))
+        except _MalformedKey as e:
+            raise ConfigError(
+                f"environment variable {var_name} does not hold a valid private key: {e}"
+            ) from None
+
+    # --- public API ---------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The checksummed address of this wallet's account."""
+        return self._address
+
+    def sign_transaction(self, tx: dict[str, Any]) -> bytes:
+        """Sign a transaction and return the raw signed bytes, ready to broadcast.
+
+        Parameters
+        ----------
+        tx:
+            A complete transaction dict as accepted by ``eth_account``: ``nonce``,
+            ``gas``, ``chainId``, fee fields, ``to``, ``value``, ``data``.  A ``from``
+            key, if present, must equal :attr:`address`.
+
+        Returns
+        -------
+        bytes
+            The RLP-encoded signed transaction, for ``eth_sendRawTransaction``.
+
+        Raises
+        ------
+        ValueError
+            If ``tx["from"]`` names another account or ``tx`` is incomplete.
+
+        Examples
+        --------
+        >>> wallet = Wallet.from_key("11" * 32)
+        >>> raw = wallet.sign_transaction({
+        ...     "nonce": 0, "gas": 21000, "maxFeePerGas": 2 * 10**9,
+        ...     "maxPriorityFeePerGas": 10**9, "chainId": 1, "to": wallet.address,
+        ...     "value": 1, "data": b"",
+        ... })
+        >>> raw[0]  # EIP-1559 transactions are type 2
+        2
+        """
+        from eth_account import Account  # lazy: ~1 s import
+
+        tx = dict(tx)
+        sender = tx.pop("from", None)
+        if sender is not None and str(sender).lower() != self._address.lower():
+            raise ValueError(
+                f"transaction is from {sender} but this wallet is {self._address}"
+            )
+        try:
+            signed = Account.sign_transaction(tx, self.__key)
+        except Exception as e:
+            # eth_account's errors describe the transaction, not the key, but re-raise
+            # without chaining so no frame holding the key is attached to the error.
+            raise ValueError(f"could not sign transaction: {type(e).__name__}: {e}") from None
+        return bytes(signed.raw_transaction)
+
+    def sign_message_hash(self, message_hash: bytes) -> bytes:
+        """Sign a 32-byte hash and return the 65-byte ``r || s || v`` signature.
+
+        Only sign hashes you computed yourself (for example with EIP-191 or EIP-712
+        encoding): a hash can be the hash of a transaction.
+
+        Examples
+        --------
+        >>> sig = Wallet.from_key("11" * 32).sign_message_hash(b"\\x00" * 32)
+        >>> len(sig)
+        65
+        """
+        from eth_account import Account
+
+        if not isinstance(message_hash, bytes | bytearray) or len(message_hash) != 32:
+            raise ValueError("message_hash must be exactly 32 bytes")
+        signed = Account.unsafe_sign_hash(bytes(message_hash), self.__key)
+        return bytes(signed.signature)
+
+    # --- leak prevention ----------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"Wallet(address={self._address!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "Wallet objects hold a private key and cannot be pickled or copied; pass "
+            "the address (wallet.address) to remote code and keep signing in the "
+            "requestor process"
+        )
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        # object.__reduce_ex__ would fall back to copyreg for protocol >= 2 without
+        # consulting __reduce__ in some paths; refuse explicitly for every protocol.
+        self.__reduce__()
+
+    def __copy__(self) -> NoReturn:
+        self.__reduce__()
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        self.__reduce__()
+
+    def __getstate__(self) -> NoReturn:
+        self.__reduce__()
+
+    def __eq__(self, other: object) -> bool:
+        # Two wallets with the same address hold the same key; comparing addresses
+        # avoids comparing (and timing) the key bytes.
+        if not isinstance(other, Wallet):
+            return NotImplemented
+        return self._address == other._address
+
+    def __hash__(self) -> int:
+        return hash(self._address)
