@@ -147,7 +147,7 @@ class GolemCluster(SpecCluster):
             max_price_per_hour=max_price_per_hour,
             max_start_price=max_start_price,
         )
-        total = config.decimal("payment.budget", budget)
+        total = config.decimal("payment.budget", budget, "budget")
         assert total is not None
         if payer is None:
             from golem_dask.payment.ethereum import EthereumPayer

@@ -47,13 +47,13 @@ def seconds(key: str, override: Any = None) -> float:
         ) from e
 
 
-def decimal(key: str, override: Any = None) -> Decimal | None:
+def decimal(key: str, override: Any = None, name: str | None = None) -> Decimal | None:
     """Read a token amount or ratio as ``Decimal`` (``None`` stays ``None``).
 
-    Floats are refused for money: ``0.1`` as a float is not one tenth.
+    ``name`` is the keyword argument that carried ``override``, for error messages.
     """
     value = get(key, override)
-    return to_decimal(value, f"golem.{key}")
+    return to_decimal(value, name if override is not None and name else f"golem.{key}")
 
 
 def to_decimal(value: Any, what: str) -> Decimal | None:

@@ -23,6 +23,11 @@ from golem_dask.protocol.messages import Demand
 from golem_dask.protocol.properties import Resources
 
 
+def _plain(value: Decimal) -> Decimal | int:
+    """Whole numbers as ints, so constraints read ``(golem.inf.mem.gib>=4)``."""
+    return int(value) if value == value.to_integral_value() else value
+
+
 @dataclass(frozen=True, slots=True)
 class PriceCaps:
     """The most the requestor pays; ``None`` means no cap."""
@@ -95,9 +100,9 @@ class DemandSpec:
         # Parsing here is the point: a malformed constraint fails before negotiation.
         extra = C.parse(extra_text) if extra_text else None
         caps = PriceCaps(
-            config.decimal("pricing.max-price-per-cpu-hour", max_price_per_cpu_hour),
-            config.decimal("pricing.max-price-per-hour", max_price_per_hour),
-            config.decimal("pricing.max-start-price", max_start_price),
+            config.decimal("pricing.max-price-per-cpu-hour", max_price_per_cpu_hour, "max_price_per_cpu_hour"),
+            config.decimal("pricing.max-price-per-hour", max_price_per_hour, "max_price_per_hour"),
+            config.decimal("pricing.max-start-price", max_start_price, "max_start_price"),
         )
         return cls(
             resources=resources,
@@ -115,8 +120,8 @@ class DemandSpec:
         r = self.resources
         return C.all_of(
             C.ge(P.CPU_THREADS, r.cpu_threads),
-            C.ge(P.MEM_GIB, r.memory_gib),
-            C.ge(P.STORAGE_GIB, r.storage_gib),
+            C.ge(P.MEM_GIB, _plain(r.memory_gib)),
+            C.ge(P.STORAGE_GIB, _plain(r.storage_gib)),
             C.eq(P.RUNTIME_NAME, self.runtime) if self.runtime else None,
             C.eq(P.PRICING_MODEL, "linear"),
             C.present(P.payment_address(self.platform)),

@@ -166,6 +166,7 @@ class Negotiator:
         self.candidates: dict[str, Candidate] = {}
         self.refused: dict[str, str] = {}  # offer id -> why we refused it
         self.declined: dict[str, str] = {}  # offer id -> why the provider declined us
+        self._providers_seen: set[str] = set()
         self._demand: Demand | None = None
         self._subscription: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -214,6 +215,9 @@ class Negotiator:
         if self._first_offer_at is None:
             self._first_offer_at = asyncio.get_running_loop().time()
         self.candidates[proposal.offer_id] = result
+        if proposal.provider_id in self._providers_seen:
+            return  # a re-published offer (capacity changed), not news to the user
+        self._providers_seen.add(proposal.provider_id)
         self._emit(
             "offer",
             f"offer from {name}: {result.pricing.price_per_cpu_hour} GLM/cpu-hour, "

@@ -149,6 +149,11 @@ class BillEntry:
         return Decimal(self.usage.get(P.USAGE_DURATION_SEC, 0))
 
 
+def _plain(amount: Decimal) -> str:
+    """An amount without trailing zeros or exponent: 0.0001 rather than 1.000E-4."""
+    return format(amount.normalize(), "f")
+
+
 @dataclass(frozen=True, slots=True)
 class Bill:
     """Every agreement of a cluster with its usage, amount and payment.
@@ -181,7 +186,7 @@ class Bill:
                 e.agreement_id[:8],
                 str(e.cpu_sec),
                 str(e.duration_sec),
-                str(e.amount),
+                _plain(e.amount),
                 e.status + (f" ({e.reason})" if e.reason else ""),
                 e.tx_hash or "-",
             )
@@ -191,7 +196,7 @@ class Bill:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [f"Bill for {self.payer} on {self.platform}", fmt.format(*header)]
         lines += [fmt.format(*r) for r in rows]
-        lines.append(f"total paid: {self.total} GLM" + (f"; still owed: {self.owed} GLM" if self.owed else ""))
+        lines.append(f"total paid: {_plain(self.total)} GLM" + (f"; still owed: {_plain(self.owed)} GLM" if self.owed else ""))
         return "\n".join(lines)
 
 

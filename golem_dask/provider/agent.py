@@ -128,6 +128,11 @@ class ProviderAgent:
     # -- offers ---------------------------------------------------------------------
 
     @property
+    def live_agreements(self) -> list[str]:
+        """Ids of the agreements this agent still holds."""
+        return list(self._deals)
+
+    @property
     def sold(self) -> Resources:
         total = Resources(0, 0, 0)
         for deal in self._deals.values():

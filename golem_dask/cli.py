@@ -1,0 +1,66 @@
+"""The ``golem-dask`` command.
+
+``golem-dask demo`` rents workers on the embedded market, runs a dask.array computation
+on them, checks it against NumPy, and prints the bill with its transaction hashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def demo(workers: int, budget: str, size: int) -> int:
+    """Run the main job on the embedded default and print the result and the bill."""
+    import dask.array as da
+    import numpy as np
+    from distributed import Client
+
+    from golem_dask import GolemCluster
+
+    print(f"golem-dask demo: renting {workers} workers on the embedded market (budget {budget} GLM)")
+    started = time.perf_counter()
+    with GolemCluster(n_workers=workers, budget=budget) as cluster:
+        cluster.events.subscribe(lambda event: print(f"  {event}"))
+        for event in cluster.events:
+            print(f"  {event}")
+        print(f"cluster ready in {time.perf_counter() - started:.1f}s: {cluster}")
+        with Client(cluster) as client:
+            x = da.random.default_rng(2026).random((size, size), chunks=size // 4)
+            data = x.compute()  # the same numbers, for NumPy to check against
+            computed = float(((x - x.mean(axis=0)) ** 2).sum().compute())
+            print(f"computed on {len(client.scheduler_info()['workers'])} rented workers: {computed:.6f}")
+        expected = float(((data - data.mean(axis=0)) ** 2).sum())
+        print(f"NumPy on this machine:                {expected:.6f}")
+        print("closing: retiring workers, checking invoices, paying providers ...")
+    bill = cluster.bill()
+    print()
+    print(bill)
+    print()
+    print(f"token {cluster.payer.token_address} on chain {cluster.payer.chain_id}; "
+          f"requestor balance now {cluster.payer.token.functions.balanceOf(cluster.payer.address).call()} wei")
+    ok = abs(computed - expected) <= 1e-9 * abs(expected) and bill.total > 0
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="golem-dask", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a computation on rented workers and print the bill")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--budget", default="1", help="GLM the cluster may spend (default: 1)")
+    p.add_argument("--size", type=int, default=2000, help="side of the square array (default: 2000)")
+    sub.add_parser("version", help="print the version")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        from golem_dask import __version__
+
+        print(__version__)
+        return 0
+    return demo(args.workers, args.budget, args.size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared test settings: fast debit notes and metering, and a check that no worker leaks."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import psutil
+import pytest
+
+
+def dask_worker_children() -> list[psutil.Process]:
+    """``dask worker`` processes started (directly or not) by this test process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "dask" in " ".join(cmd) and "worker" in cmd:
+            found.append(child)
+    return found
+
+
+@pytest.fixture
+def golem_config():
+    """Short intervals so that debit notes and metering happen within a test."""
+    with dask.config.set(
+        {
+            "golem.provider.debit-note-interval": "1s",
+            "golem.payment.metering-interval": "200ms",
+            "golem.market.negotiation-timeout": "10s",
+            "golem.demand.memory": "1GiB",
+            "golem.provider.local": [
+                {"name": "local", "cpu": 4, "memory": "8GiB", "storage": "10GiB", "runtime": "process",
+                 "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}
+            ],
+        }
+    ):
+        yield
+
+
+@pytest.fixture
+def no_leaked_workers():
+    yield
+    deadline = time.monotonic() + 10
+    while dask_worker_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaked = dask_worker_children()
+    for p in leaked:
+        p.kill()
+    assert not leaked, f"worker processes left behind: {[p.cmdline() for p in leaked]}"

@@ -1,0 +1,70 @@
+"""The accountant's checks of debit notes and invoices against its own metering."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from golem_dask.market.pricing import LinearPricing
+from golem_dask.payment.accountant import AgreementAccount, Bill, BillEntry, EntryStatus, Tolerance, check_usage
+from golem_dask.protocol import properties as P
+from golem_dask.protocol.messages import Agreement, Issuer, Proposal
+
+ADDR = "0x" + "ef" * 20
+PRICING = LinearPricing.per_hour(Decimal("0.36"), Decimal("0.036"))
+
+
+def account(duration: float = 100.0, observed_cpu: str = "50", threads: int = 2) -> AgreementAccount:
+    prop = Proposal(Issuer.PROVIDER, PRICING.to_properties(), "(&)", "o", "d", ADDR)
+    agreement = Agreement("a1", prop, prop, ADDR, ADDR, 0)
+    acc = AgreementAccount(agreement, PRICING, "golem-0", threads, started=1000.0, stopped=1000.0 + duration)
+    acc.observed_cpu_sec = Decimal(observed_cpu)
+    return acc
+
+
+def usage(cpu: str, duration: str) -> dict[str, Decimal]:
+    return {P.USAGE_CPU_SEC: Decimal(cpu), P.USAGE_DURATION_SEC: Decimal(duration)}
+
+
+def test_honest_invoice_passes() -> None:
+    u = usage("55", "99.5")
+    assert check_usage(u, PRICING.cost(u), account(), Tolerance()) is None
+
+
+def test_amount_must_be_the_agreed_price() -> None:
+    u = usage("55", "99.5")
+    reason = check_usage(u, PRICING.cost(u) * 2, account(), Tolerance())
+    assert reason is not None and "not the agreed price" in reason
+
+
+def test_inflated_cpu_is_rejected() -> None:
+    u = usage("150", "99.5")  # the scheduler saw 50 cpu-seconds
+    reason = check_usage(u, PRICING.cost(u), account(), Tolerance())
+    assert reason is not None and "cpu_sec 150 exceeds our metering" in reason
+
+
+def test_cpu_above_threads_times_duration_is_rejected() -> None:
+    u = usage("300", "99.5")
+    reason = check_usage(u, PRICING.cost(u), account(observed_cpu="400"), Tolerance())
+    assert reason is not None and "on 2 threads" in reason
+
+
+def test_inflated_duration_is_rejected() -> None:
+    u = usage("10", "200")
+    reason = check_usage(u, PRICING.cost(u), account(), Tolerance())
+    assert reason is not None and "duration_sec 200" in reason
+
+
+def test_negative_usage_is_rejected() -> None:
+    u = usage("-1", "10")
+    assert check_usage(u, Decimal(0), account(), Tolerance()) == "negative usage"
+
+
+def test_bill_totals_only_what_was_paid() -> None:
+    def entry(status: EntryStatus, amount: str) -> BillEntry:
+        return BillEntry("w", ADDR, "a", usage("1", "2"), Decimal(1), Decimal(2), Decimal(amount), status.value, None, None)
+
+    bill = Bill((entry(EntryStatus.PAID, "0.5"), entry(EntryStatus.REJECTED, "9"), entry(EntryStatus.PAID, "0.25")),
+                "erc20-devnet-glm", ADDR)
+    assert bill.total == Decimal("0.75")
+    text = str(bill)
+    assert "rejected" in text and "total paid: 0.75 GLM" in text

@@ -1,0 +1,236 @@
+"""GolemCluster end to end on the embedded default: real worker processes, a real EVM.
+
+Each test negotiates real agreements with in-process provider agents, runs real
+``dask worker`` processes, and pays on the embedded devnet; the assertions read computed
+values, on-chain token balances and the bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from decimal import Decimal
+
+import dask
+import dask.array as da
+import numpy as np
+import psutil
+import pytest
+from distributed import Client
+
+from golem_dask import GolemCluster
+from golem_dask.cluster import local_providers
+from golem_dask.errors import ConstraintSyntaxError, NoOffersError
+from golem_dask.market.local import LocalMarket
+from golem_dask.payment.base import from_wei
+from golem_dask.protocol import properties as P
+from golem_dask.provider.agent import ProviderAgent
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("golem_config", "no_leaked_workers")]
+
+
+def token_balance(cluster: GolemCluster, address: str) -> Decimal:
+    return from_wei(cluster.payer.token.functions.balanceOf(address).call())
+
+
+def provider(name: str, cpu: int, cpu_hour: str, hour: str = "0.02") -> dict:
+    return {"name": name, "cpu": cpu, "memory": "4GiB", "storage": "10GiB", "runtime": "process",
+            "price-per-cpu-hour": cpu_hour, "price-per-hour": hour, "start-price": "0"}
+
+
+def test_two_workers_compute_and_pay_exactly_what_the_bill_says() -> None:
+    data = np.random.RandomState(42).random_sample((1000, 1000))
+    started = time.time()
+    with GolemCluster(n_workers=2, budget="2") as cluster:
+        ready = time.time()
+        with Client(cluster) as client:
+            pids = client.run(os.getpid)
+            assert len(pids) == 2
+            x = da.from_array(data, chunks=250)
+            result = (x @ x.T).sum().compute()
+            time.sleep(1.5)  # let a debit note and some metering happen
+        agents = list(cluster.market.providers.values())
+        closing = time.time()
+    closed = time.time()
+
+    assert result == pytest.approx((data @ data.T).sum(), rel=1e-12)
+    assert not any(psutil.pid_exists(pid) for pid in pids.values())
+    assert all(agent.live_agreements == [] for agent in agents)
+
+    bill = cluster.bill()
+    assert len(bill.entries) == 2
+    assert {e.status for e in bill.entries} == {"paid"}
+    assert all(e.tx_hash and e.tx_hash.startswith("0x") for e in bill.entries)
+    assert bill.total == sum(e.amount for e in bill.entries) > 0
+
+    # On chain: each provider got exactly its billed amount; the requestor paid the total.
+    for agent in agents:
+        billed = sum((e.amount for e in bill.entries if e.provider == agent.id), Decimal(0))
+        assert token_balance(cluster, agent.id) == billed
+        assert sum(p.amount for p in agent.payments) == billed
+    assert token_balance(cluster, cluster.payer.address) == Decimal(2) - bill.total
+
+    # Usage agrees with the wall time the workers ran.
+    for e in bill.entries:
+        assert closing - ready - 0.5 <= float(e.duration_sec) <= closed - started
+        assert abs(e.duration_sec - e.observed_duration_sec) < 2
+        assert 0 < e.cpu_sec <= e.duration_sec * 1 + 1  # one thread each
+        expected = e.cpu_sec * Decimal("0.1") / 3600 + e.duration_sec * Decimal("0.02") / 3600
+        assert abs(e.amount - expected) < Decimal("1e-17")
+    assert "total paid" in str(bill)
+    assert cluster.events.of_kind("payment")
+
+
+def test_cheapest_matching_offers_win_and_over_cap_is_refused() -> None:
+    providers = [provider("dear", 1, "0.9"), provider("cheap", 1, "0.05"), provider("mid", 1, "0.1"),
+                 provider("midplus", 1, "0.2")]
+    with dask.config.set({"golem.provider.local": providers}):
+        with GolemCluster(n_workers=2, budget="5", max_price_per_cpu_hour="0.5") as cluster:
+            names = {a.id: a.settings.name for a in cluster.market.providers.values()}
+            used = sorted(names[w.deal.agreement.provider_id] for w in cluster.workers.values())
+            refused = dict(cluster.negotiator.refused)
+    assert used == ["cheap", "mid"]
+    assert list(refused.values()) == ["over max_price_per_cpu_hour=0.5 (asks 0.9)"]
+    assert any("refused" in str(e) and "dear" in str(e) for e in cluster.events.of_kind("rejected"))
+    assert {e.status for e in cluster.bill().entries} == {"paid"}
+
+
+def test_no_match_explains_offer_by_offer() -> None:
+    providers = [provider("small", 2, "0.1"), provider("dear", 4, "0.9"), provider("dearer", 4, "1.5")]
+    with dask.config.set({"golem.provider.local": providers, "golem.market.negotiation-timeout": "1s"}):
+        with pytest.raises(NoOffersError) as info:
+            GolemCluster(n_workers=1, cpu=3, max_price_per_cpu_hour="0.5")
+    message = str(info.value)
+    assert "(golem.inf.cpu.threads>=3)" in message
+    assert "2 over max_price_per_cpu_hour=0.5" in message
+    assert "1 short of cpu threads" in message
+
+
+def test_scale_down_pays_the_retired_worker_at_once() -> None:
+    with GolemCluster(n_workers=2, budget="2") as cluster:
+        with Client(cluster) as client:
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+            cluster.scale(1)
+            client.wait_for_workers(1)
+            deadline = time.time() + 30
+            while len(cluster.workers) > 1 and time.time() < deadline:
+                time.sleep(0.1)
+            # wait until the retired worker's payment is recorded
+            while not any(e.status == "paid" for e in cluster.bill().entries) and time.time() < deadline:
+                time.sleep(0.1)
+            bill = cluster.bill()
+            statuses = sorted(e.status for e in bill.entries)
+            assert statuses == ["paid", "running"]
+            paid = next(e for e in bill.entries if e.status == "paid")
+            assert token_balance(cluster, paid.provider) == paid.amount
+            assert client.submit(sum, [4, 5]).result() == 9
+    assert {e.status for e in cluster.bill().entries} == {"paid"}
+
+
+def test_budget_too_small_stops_at_what_it_can_afford() -> None:
+    # Worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
+    with GolemCluster(n_workers=3, budget="0.25") as cluster:
+        assert len(cluster.workers) == 2
+        assert cluster.budget.reserved == Decimal("0.24")
+        warnings = [str(e) for e in cluster.events.of_kind("budget")]
+        assert any("allows 2 workers" in w for w in warnings)
+        cluster.scale(4)
+        time.sleep(1)
+        assert len(cluster.workers) == 2
+    assert len(cluster.bill().entries) == 2
+
+
+class InflatingAgent(ProviderAgent):
+    """A dishonest provider that bills ten times the CPU it measured."""
+
+    def invoice_usage(self, deal):  # type: ignore[no-untyped-def]
+        usage = dict(super().invoice_usage(deal))
+        usage[P.USAGE_CPU_SEC] = usage[P.USAGE_CPU_SEC] * 10 + 20
+        return usage
+
+
+def test_inflated_invoice_is_rejected_and_not_paid() -> None:
+    honest, = local_providers("erc20-devnet-glm", [provider("honest", 1, "0.1")])
+    template, = local_providers("erc20-devnet-glm", [provider("cheat", 1, "0.01")])
+    cheat = InflatingAgent(template.settings, template.runtime, template.id)
+    market = LocalMarket([honest, cheat])
+    with GolemCluster(n_workers=2, budget="2", market=market) as cluster:
+        with Client(cluster) as client:
+            assert client.submit(lambda: 41 + 1).result() == 42
+    bill = cluster.bill()
+    by_provider = {e.provider: e for e in bill.entries}
+    rejected = by_provider[cheat.id]
+    assert rejected.status == "rejected"
+    assert "cpu_sec" in (rejected.reason or "") and "exceeds our metering" in (rejected.reason or "")
+    assert rejected.tx_hash is None
+    assert token_balance(cluster, cheat.id) == 0
+    assert list(cheat.rejections.values()) == [rejected.reason]
+    assert by_provider[honest.id].status == "paid"
+    assert bill.total == by_provider[honest.id].amount
+    assert "rejected" in str(bill)
+
+
+def test_constraint_syntax_error_is_raised_before_negotiation() -> None:
+    before = time.perf_counter()
+    with pytest.raises(ConstraintSyntaxError) as info:
+        GolemCluster(n_workers=1, constraints="(&(golem.inf.mem.gib>=4)(golem.runtime.name=docker")
+    assert time.perf_counter() - before < 1.0
+    assert "position" in str(info.value) and "^" in str(info.value)
+
+
+def test_killed_worker_is_replaced_and_billed_for_what_it_ran() -> None:
+    data = np.arange(400_000, dtype="f8")
+    with GolemCluster(n_workers=2, budget="2") as cluster:
+        with Client(cluster) as client:
+            victim_name = "golem-0"
+            pid = client.run(os.getpid, workers=[cluster.workers[victim_name].address])
+            os.kill(next(iter(pid.values())), signal.SIGKILL)
+            x = da.from_array(data, chunks=10_000)
+            assert float((x * 2).sum().compute()) == float((data * 2).sum())
+            deadline = time.time() + 60
+            while (victim_name in cluster.workers or len(cluster.workers) < 2) and time.time() < deadline:
+                time.sleep(0.1)
+            client.wait_for_workers(2, timeout=60)
+            assert victim_name not in cluster.workers
+            time.sleep(1)
+    bill = cluster.bill()
+    assert len(bill.entries) == 3
+    dead = next(e for e in bill.entries if e.worker == victim_name)
+    others = [e for e in bill.entries if e.worker != victim_name]
+    assert dead.status == "paid" and dead.amount > 0
+    assert all(dead.duration_sec < e.duration_sec + Decimal(60) for e in others)
+    survivor = next(e for e in others if e.worker == "golem-1")
+    assert dead.duration_sec < survivor.duration_sec
+    assert any("lost" in str(e) for e in cluster.events.of_kind("warning"))
+
+
+def test_adapt_scales_up_under_load_and_down_when_idle() -> None:
+    with dask.config.set({"distributed.adaptive.interval": "200ms", "distributed.adaptive.wait-count": 2,
+                          "distributed.adaptive.target-duration": "1s"}):
+        with GolemCluster(n_workers=0, budget="2") as cluster:
+            cluster.adapt(minimum=0, maximum=2)
+            with Client(cluster) as client:
+                futures = client.map(lambda i: time.sleep(0.5) or i, range(8))
+                assert client.gather(futures) == list(range(8))
+                assert len(cluster.bill().entries) == 2
+                del futures  # results held on a worker keep it alive
+                deadline = time.time() + 30
+                while cluster.workers and time.time() < deadline:
+                    time.sleep(0.2)
+                assert not cluster.workers
+            assert cluster.bill().entries and {e.status for e in cluster.bill().entries} == {"paid"}
+
+
+def test_asynchronous_cluster() -> None:
+    async def main() -> GolemCluster:
+        async with GolemCluster(n_workers=1, budget="1", asynchronous=True) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                assert await client.submit(pow, 2, 10) == 1024
+            logs = await cluster.get_logs()
+            assert "Scheduler" in logs and "golem-0" in logs
+        return cluster
+
+    cluster = asyncio.run(main())
+    assert [e.status for e in cluster.bill().entries] == ["paid"]
