@@ -143,9 +143,10 @@ class GolemWorker(ProcessInterface):
                 ExeCommand("run", {"entry_point": "dask", "args": self.command(), "env": env}),
             ]
             await p.market.exec(activity.id, script, p.start_timeout_s)
-            failed = asyncio.ensure_future(self._failed.wait())
+            failed: asyncio.Future[Any] = asyncio.ensure_future(self._failed.wait())
+            waiting: set[asyncio.Future[Any]] = {registered, failed}
             try:
-                done, _ = await asyncio.wait({registered, failed}, timeout=p.start_timeout_s,
+                done, _ = await asyncio.wait(waiting, timeout=p.start_timeout_s,
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 failed.cancel()

@@ -229,7 +229,9 @@ def test_asynchronous_cluster() -> None:
             async with Client(cluster, asynchronous=True) as client:
                 assert await client.submit(pow, 2, 10) == 1024
             logs = await cluster.get_logs()
-            assert "Scheduler" in logs and "golem-0" in logs
+            address = cluster.workers["golem-0"].address
+            assert "Scheduler" in logs and address in logs
+            assert "Start worker at" in logs[address]
         return cluster
 
     cluster = asyncio.run(main())
