@@ -241,7 +241,9 @@ class GolemCluster(SpecCluster):
             self._golem_started = True
             try:
                 await self.market.start()
-                await self.payer.start()
+                # The payer is not started here: it connects (and the embedded devnet is
+                # created and funded) on the first payment, which keeps chain set-up out
+                # of the time to ready workers.
                 await self.negotiator.start()
                 self._spawn(self._answer_documents(), "golem-accountant")
             except BaseException:

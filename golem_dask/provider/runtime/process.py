@@ -33,6 +33,21 @@ _ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
 _TERMINATE_GRACE_S = 5.0
 
 
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment a worker of ``threads`` threads starts with.
+
+    A nanny would set ``distributed.nanny.pre-spawn-environ``; these workers run without
+    one, so the provider sets it, with BLAS/OpenMP pools sized to the *agreed* threads
+    rather than every core of the machine.
+    """
+    import dask
+
+    environ = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()}
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environ[name] = str(threads)
+    return environ
+
+
 def worker_command(args: Sequence[str], threads: int, memory_bytes: int) -> list[str]:
     """The ``dask worker`` command line for the agreed resources.
 
@@ -89,7 +104,7 @@ class ProcessActivity(RuntimeActivity):
             self._process = await asyncio.create_subprocess_exec(
                 *cmd,
                 cwd=self.workdir,
-                env={**os.environ, **env},
+                env={**os.environ, **env, **worker_environ(self.resources.cpu_threads)},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
