@@ -53,7 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget", default="1", help="GLM the cluster may spend (default: 1)")
     p.add_argument("--size", type=int, default=2000, help="side of the square array (default: 2000)")
     sub.add_parser("version", help="print the version")
+    img = sub.add_parser("image", help="worker images")
+    img_sub = img.add_subparsers(dest="image_command", required=True)
+    b = img_sub.add_parser("build", help="build a worker image matching this Python, dask and distributed")
+    b.add_argument("--tag", help="image tag (default: golem-dask-worker:py<X.Y>-dask<version>)")
+    b.add_argument("--base", help="base image with python3 and python3-venv (default: debootstrap bookworm)")
+    b.add_argument("--package", action="append", default=[], help="extra package to install (repeatable)")
     args = parser.parse_args(argv)
+    if args.command == "image":
+        from golem_dask.image import build
+
+        print(build(args.tag, args.base, args.package))
+        return 0
     if args.command == "version":
         from golem_dask import __version__
 

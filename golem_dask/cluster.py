@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import base64
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from distributed.core import Status
+from distributed.security import Security
 from distributed.deploy.spec import SpecCluster
 
 from golem_dask import config
@@ -27,16 +29,23 @@ from golem_dask.market.negotiation import Negotiator
 from golem_dask.market.pricing import LinearPricing
 from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
 from golem_dask.payment.base import Payer
+from golem_dask.protocol.messages import ExeCommand
 from golem_dask.protocol.properties import Resources
 from golem_dask.worker import GolemWorker, Registrations, RequestorParts
 
 logger = logging.getLogger(__name__)
 
 
-def local_providers(platform: str, entries: Sequence[dict[str, Any]] | None = None) -> list[Any]:
+def local_providers(
+    platform: str,
+    entries: Sequence[dict[str, Any]] | None = None,
+    runtime: str = "process",
+    image: str | None = None,
+) -> list[Any]:
     """Provider agents for the embedded market, from ``golem.provider.local``.
 
-    Each entry may set ``name``, ``cpu``, ``memory``, ``storage``, ``runtime``,
+    Each entry may set ``name``, ``cpu``, ``memory``, ``storage``, ``runtime``
+    (``process``, ``docker``, or ``auto`` for the given ``runtime``),
     ``price-per-cpu-hour``, ``price-per-hour`` and ``start-price``.
     """
     import psutil
@@ -53,9 +62,11 @@ def local_providers(platform: str, entries: Sequence[dict[str, Any]] | None = No
         what = f"golem.provider.local[{i}]"
         cpu = entry.get("cpu") or os.cpu_count() or 1
         memory = entry.get("memory") or int(psutil.virtual_memory().total * 0.8)
-        runtime_name = entry.get("runtime") or "process"
-        if runtime_name != "process":
-            raise ConfigError(f"{what}.runtime={runtime_name!r}: only the 'process' runtime is available")
+        runtime_name = entry.get("runtime") or "auto"
+        if runtime_name == "auto":
+            runtime_name = runtime
+        if runtime_name not in ("process", "docker"):
+            raise ConfigError(f"{what}.runtime={runtime_name!r}: use 'process', 'docker' or 'auto'")
         pricing = LinearPricing.per_hour(
             cpu=config.to_decimal(entry.get("price-per-cpu-hour", "0.1"), f"{what}.price-per-cpu-hour") or Decimal(0),
             duration=config.to_decimal(entry.get("price-per-hour", "0.02"), f"{what}.price-per-hour") or Decimal(0),
@@ -72,8 +83,56 @@ def local_providers(platform: str, entries: Sequence[dict[str, Any]] | None = No
             platform=platform,
             debit_note_interval_s=interval,
         )
-        agents.append(ProviderAgent(settings, ProcessRuntime(), Wallet.generate().address))
+        if runtime_name == "docker":
+            from golem_dask.image import default_tag
+            from golem_dask.provider.runtime.docker import DockerRuntime
+
+            engine_runtime: Any = DockerRuntime(image or default_tag(), config.get("provider.docker-network"), name)
+        else:
+            engine_runtime = ProcessRuntime()
+        agents.append(ProviderAgent(settings, engine_runtime, Wallet.generate().address))
     return agents
+
+
+TLS_FILES = {"ca": "/golem/tls/ca.pem", "cert": "/golem/tls/cert.pem", "key": "/golem/tls/key.pem"}
+TLS_ARGS = ("--tls-ca-file", TLS_FILES["ca"], "--tls-cert", TLS_FILES["cert"], "--tls-key", TLS_FILES["key"])
+
+
+def _data_url(text: str) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(text.encode()).decode()
+
+
+def tls_commands(security: Security) -> list[ExeCommand]:
+    """Ship the worker's temporary certificate and key into the sandbox (never the image)."""
+    files = {k: getattr(security, attr) for k, attr in (("ca", "tls_ca_file"), ("cert", "tls_worker_cert"), ("key", "tls_worker_key"))}
+    return [ExeCommand("transfer", {"from": _data_url(str(files[k])), "to": path}) for k, path in TLS_FILES.items()]
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def transfer_commands(
+    inputs: Mapping[str, str], outputs: Mapping[str, str], storage_options: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[ExeCommand], list[ExeCommand]]:
+    """Exe-script transfers for ``inputs`` (URL -> /golem path) and ``outputs`` (path -> URL).
+
+    ``storage_options`` maps a protocol (``"s3"``) to fsspec options for its URLs.
+    """
+
+    def command(source: str, destination: str, url: str) -> ExeCommand:
+        for path in (source, destination):
+            if path.startswith("/") and not path.startswith("/golem/"):
+                raise ConfigError(f"{path!r}: container paths must be under /golem/, e.g. /golem/input/data.csv")
+        args: dict[str, Any] = {"from": source, "to": destination}
+        options = storage_options.get(_protocol(url))
+        if options:
+            args["options"] = dict(options)
+        return ExeCommand("transfer", args)
+
+    setup = [command(url, path, url) for url, path in inputs.items()]
+    collect = [command(path, url, url) for path, url in outputs.items()]
+    return setup, collect
 
 
 class GolemCluster(SpecCluster):
@@ -126,6 +185,11 @@ class GolemCluster(SpecCluster):
         max_start_price: Any = None,
         constraints: str | None = None,
         runtime: str | None = None,
+        image: str | None = None,
+        inputs: Mapping[str, str] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+        tls: bool | None = None,
         market: Market | str | None = None,
         payer: Payer | None = None,
         scheduler_options: dict[str, Any] | None = None,
@@ -137,11 +201,22 @@ class GolemCluster(SpecCluster):
     ) -> None:
         # Everything that can be wrong with the arguments fails here, before any
         # process, market or chain is started.
+        self.events = EventLog()
+        embedded = not isinstance(market, Market) and config.get("market.backend", market) in (None, "local")
+        runtime = config.get("demand.runtime", runtime)
+        if runtime not in (None, "process", "docker"):
+            raise ConfigError(f"runtime={runtime!r}: use 'process', 'docker' or None")
+        auto = embedded and any((e.get("runtime") or "auto") == "auto" for e in config.get("provider.local") or [])
+        if runtime == "docker" or (auto and runtime is None):
+            image = config.get("demand.image", image)
+            runtime = self._pick_runtime(runtime, image, embedded)
+        self.runtime = runtime
         self.spec = DemandSpec.from_kwargs(
             cpu=cpu,
             memory=memory,
             storage=storage,
             runtime=runtime,
+            image=image if runtime == "docker" else None,
             constraints=constraints,
             max_price_per_cpu_hour=max_price_per_cpu_hour,
             max_price_per_hour=max_price_per_hour,
@@ -155,7 +230,14 @@ class GolemCluster(SpecCluster):
             payer = EthereumPayer.embedded(total, platform=self.spec.platform)
         self.payer = payer
         self.market = self._make_market(market)
-        self.events = EventLog()
+        use_tls = config.get("cluster.tls", tls)
+        use_tls = runtime == "docker" if use_tls is None else bool(use_tls)
+        bridge = runtime == "docker" and embedded and config.get("provider.docker-network") != "host"
+        security = Security.temporary() if use_tls else None
+        setup, collect = transfer_commands(inputs or {}, outputs or {}, storage_options or {})
+        if security is not None:
+            setup = tls_commands(security) + setup
+            worker_options = (*TLS_ARGS, *worker_options)
         self.budget = Budget(total)
         self.accountant = Accountant(
             payer,
@@ -190,13 +272,24 @@ class GolemCluster(SpecCluster):
             invoice_timeout_s=config.seconds("payment.invoice-timeout"),
             on_lost=self._worker_lost,
             worker_options=tuple(worker_options),
+            setup=tuple(setup),
+            collect=tuple(collect),
+            scheduler_host="host.docker.internal" if bridge else None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._golem_started = False
         self._golem_closed = False
         scheduler = {
             "cls": "distributed.Scheduler",
-            "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": ":0", **(scheduler_options or {})},
+            "options": {
+                # On a docker bridge the workers dial the host's gateway address.
+                "host": "0.0.0.0" if bridge else "127.0.0.1",
+                "port": 0,
+                "dashboard_address": ":0",
+                "protocol": "tls" if security is not None else "tcp",
+                "security": security,
+                **(scheduler_options or {}),
+            },
         }
         worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
         n = n_workers if n_workers is not None else 0
@@ -208,6 +301,7 @@ class GolemCluster(SpecCluster):
             loop=loop,
             name=name,
             silence_logs=silence_logs,
+            security=security,
         )
         self._i = n
 
@@ -220,11 +314,44 @@ class GolemCluster(SpecCluster):
         if backend in (None, "local"):
             from golem_dask.market.local import LocalMarket
 
-            return LocalMarket(local_providers(self.spec.platform))
+            return LocalMarket(local_providers(self.spec.platform, runtime=self.runtime or "process",
+                                              image=self.spec.image))
         raise ConfigError(
             f"market={backend!r} is not available in this version; use market='local' "
             "(the embedded market) or pass a Market object"
         )
+
+    def _pick_runtime(self, runtime: str | None, image: str | None, embedded: bool) -> str:
+        """Docker if asked for or, by default, if an engine answers and has the image."""
+        from golem_dask.image import check_image, default_tag
+        from golem_dask.provider.runtime.docker import engine, engine_answers
+
+        image = image or default_tag()
+        if runtime is None and not engine_answers():
+            self.events.emit("runtime", "process runtime: no Docker engine answers")
+            return "process"
+        if runtime == "docker" and not embedded and not engine_answers():
+            return "docker"  # remote providers deploy the image; nothing to check here
+        client = engine()
+        try:
+            import docker
+
+            try:
+                found = client.images.get(image)
+            except docker.errors.ImageNotFound:
+                if runtime == "docker":
+                    raise ConfigError(f"image {image!r} is not on this machine; build it with "
+                                      "'golem-dask image build'") from None
+                self.events.emit("runtime", f"process runtime: Docker answers but image {image} is missing "
+                                 "(build it with 'golem-dask image build')")
+                return "process"
+            # Versions are checked before negotiating: a mismatch would only show as
+            # workers the scheduler refuses.
+            check_image(found)
+        finally:
+            client.close()
+        self.events.emit("runtime", f"docker runtime with image {image}")
+        return "docker"
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"golem-{worker_number}"

@@ -73,6 +73,12 @@ class RequestorParts:
     invoice_timeout_s: float
     on_lost: Callable[[str, str], None]
     worker_options: Sequence[str] = ()
+    #: Transfers run after ``start`` and before ``run``: TLS files, input files.
+    setup: Sequence[ExeCommand] = ()
+    #: Transfers run when the worker is retired, before its activity is destroyed.
+    collect: Sequence[ExeCommand] = ()
+    #: Host the worker dials for the scheduler (``host.docker.internal`` on a bridge).
+    scheduler_host: str | None = None
 
 
 class GolemWorker(ProcessInterface):
@@ -110,11 +116,21 @@ class GolemWorker(ProcessInterface):
     def agreement_id(self) -> str | None:
         return self.deal.agreement.id if self.deal else None
 
+    @property
+    def scheduler_for_worker(self) -> str:
+        """The scheduler address as the worker must dial it."""
+        host = self.parts.scheduler_host
+        if not host:
+            return self.scheduler
+        scheme, _, rest = self.scheduler.rpartition("://")
+        port = rest.rsplit(":", 1)[1]
+        return f"{scheme}://{host}:{port}"
+
     def command(self) -> list[str]:
         """The ``dask worker`` arguments sent to the provider (it adds threads and memory)."""
         return [
             "worker",
-            self.scheduler,
+            self.scheduler_for_worker,
             "--name",
             self.name,
             "--no-nanny",
@@ -135,14 +151,16 @@ class GolemWorker(ProcessInterface):
             self.activity_id = activity.id
             self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
             registered = p.registrations.expect(self.name)
-            p.accountant.activity_started(agreement.id)
             env = {"GOLEM_AGREEMENT_ID": agreement.id, "GOLEM_ACTIVITY_ID": activity.id}
             script = [
                 ExeCommand("deploy"),
                 ExeCommand("start"),
+                *p.setup,
                 ExeCommand("run", {"entry_point": "dask", "args": self.command(), "env": env}),
             ]
             await p.market.exec(activity.id, script, p.start_timeout_s)
+            # Only a worker that got to run is owed anything.
+            p.accountant.activity_started(agreement.id)
             failed: asyncio.Future[Any] = asyncio.ensure_future(self._failed.wait())
             waiting: set[asyncio.Future[Any]] = {registered, failed}
             try:
@@ -194,6 +212,15 @@ class GolemWorker(ProcessInterface):
         self._released = True
         p = self.parts
         agreement_id = self.agreement_id
+        if self.activity_id is not None and self._ready and p.collect:
+            # Outputs leave the sandbox before the sandbox goes.
+            outputs = await _attempt(p.market.exec(self.activity_id, p.collect, p.close_timeout_s),
+                                     f"collecting outputs of {self.name}")
+            if outputs is None:
+                p.events.emit("warning", f"outputs of {self.name} could not be collected; see the log")
+            else:
+                for line in outputs:
+                    p.events.emit("transfer", f"{self.name}: {line}", worker=self.name)
         if self.activity_id is not None:
             await _attempt(p.market.destroy_activity(self.activity_id), f"stopping {self.name}")
         if agreement_id is not None:

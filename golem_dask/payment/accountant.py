@@ -335,7 +335,10 @@ class Accountant:
         invoice = account.invoice
         assert invoice is not None
         account.stopped = account.stopped or time.time()
-        reason = check_usage(invoice.usage, invoice.amount, account, self.tolerance)
+        if account.started is None and invoice.amount > 0:
+            reason: str | None = "the worker never ran: nothing is owed for an activity that failed to start"
+        else:
+            reason = check_usage(invoice.usage, invoice.amount, account, self.tolerance)
         if reason is None and invoice.payee_addr != account.agreement.provider_id:
             reason = f"payee {invoice.payee_addr} is not the agreement's provider"
         if reason is None and invoice.amount > self.budget.reserved_for(agreement_id):

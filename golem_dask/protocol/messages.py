@@ -155,7 +155,8 @@ class ExeCommand:
     """
 
     command: str
-    args: Mapping[str, Any] = field(default_factory=dict)
+    # Hidden from repr: a transfer's args may carry storage credentials.
+    args: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.command not in {"deploy", "start", "run", "transfer", "terminate"}:

@@ -329,7 +329,8 @@ class ProviderAgent:
         if deal.activity is not None:
             raise ActivityError(f"agreement {agreement_id} already has an activity")
         activity_id = new_id()
-        deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources)
+        image = deal.agreement.demand.properties.get(P.IMAGE)
+        deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources, image)
         self._activities[activity_id] = deal
         await self._state(deal, ActivityState.INITIALIZED)
         return Activity(activity_id, agreement_id, ActivityState.INITIALIZED)
@@ -361,7 +362,8 @@ class ProviderAgent:
                     self._spawn(deal, self._debit_notes(deal))
                     await self._state(deal, ActivityState.RUNNING)
                 elif cmd.command == "transfer":
-                    outputs.append(await act.transfer(cmd.args["from"], cmd.args["to"]))
+                    options = cmd.args.get("options")
+                    outputs.append(await act.transfer(cmd.args["from"], cmd.args["to"], dict(options) if options else None))
                 elif cmd.command == "terminate":
                     await self._stop_activity(deal, ActivityState.TERMINATED, "exe-script terminate")
                     outputs.append("terminated")

@@ -10,11 +10,108 @@ failure).  Backends: ``process`` (a child process, no engine needed) and ``docke
 from __future__ import annotations
 
 import abc
+import asyncio
+import posixpath
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+from golem_dask.errors import ActivityError
 from golem_dask.protocol.properties import Resources
+
+#: Where an activity's files live, as the requestor names them (inside a container).
+SANDBOX = "/golem"
+#: Options the provider sets itself from the agreement; a requestor's values are dropped.
+_ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
+
+
+def sandbox_path(root: Path, path: str) -> Path:
+    """The host path of ``/golem/...`` in an activity whose sandbox is ``root``.
+
+    Anything outside ``/golem`` (or escaping it with ``..``) is refused: a requestor
+    must not write elsewhere on the provider's machine.
+    """
+    clean = posixpath.normpath(path)
+    if clean != SANDBOX and not clean.startswith(SANDBOX + "/"):
+        raise ActivityError(f"{path!r} is outside the activity's sandbox {SANDBOX}/")
+    rel = clean[len(SANDBOX):].lstrip("/")
+    return root / rel if rel else root
+
+
+def is_sandbox(path: str) -> bool:
+    return path == SANDBOX or path.startswith(SANDBOX + "/")
+
+
+async def transfer_into_sandbox(
+    root: Path, source: str, destination: str, options: Mapping[str, Any] | None = None
+) -> str:
+    """Copy between a URL and the sandbox, either way; ``options`` go to the URL's side."""
+    from golem_dask.transfer import copy
+
+    if is_sandbox(destination) and not is_sandbox(source):
+        target = str(sandbox_path(root, destination)) + ("/" if destination.endswith("/") else "")
+        result = await asyncio.to_thread(copy, source, target, source_options=options)
+    elif is_sandbox(source) and not is_sandbox(destination):
+        origin = str(sandbox_path(root, source))
+        result = await asyncio.to_thread(copy, origin, destination, destination_options=options)
+    else:
+        raise ActivityError(f"a transfer needs exactly one side in {SANDBOX}/: {source} -> {destination}")
+    return f"{result.nbytes} bytes in {result.files} files: {display_url(source)} -> {display_url(destination)}"
+
+
+def display_url(url: str) -> str:
+    """A URL fit for logs: inline data and embedded credentials left out."""
+    if url.startswith("data:"):
+        return f"data:({len(url)} characters)"
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}".split("?", 1)[0]
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment a worker of ``threads`` threads starts with.
+
+    A nanny would set ``distributed.nanny.pre-spawn-environ``; these workers run without
+    one, so the provider sets it, with BLAS/OpenMP pools sized to the *agreed* threads
+    rather than every core of the machine.
+    """
+    import dask
+
+    environ = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()}
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environ[name] = str(threads)
+    return environ
+
+
+def worker_command(
+    args: Sequence[str], threads: int, memory_bytes: int, python: Sequence[str], root: Path | None = None
+) -> list[str]:
+    """The ``dask worker`` command line for the agreed resources.
+
+    ``python`` is the interpreter to run; with ``root``, ``/golem/...`` arguments (TLS
+    files) are rewritten to the sandbox on the host.
+
+    Examples
+    --------
+    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30, ["python"])
+    ['python', '-m', 'dask', 'worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
+    """
+    if not args or args[0] != "worker":
+        raise ActivityError(f"providers only run 'dask worker', not {list(args)[:2]}")
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _ENFORCED:
+            skip = "=" not in arg
+            continue
+        kept.append(str(sandbox_path(root, arg)) if root is not None and is_sandbox(arg) else arg)
+    return [*python, "-m", "dask", *kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
 
 
 class RuntimeActivity(abc.ABC):
@@ -38,8 +135,12 @@ class RuntimeActivity(abc.ABC):
         """Start the long-running command; returns once it runs."""
 
     @abc.abstractmethod
-    async def transfer(self, source: str, destination: str) -> str:
-        """Copy a file in or out of the sandbox."""
+    async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
+        """Copy a file or directory between a URL and the sandbox (``/golem/...``).
+
+        ``options`` are fsspec ``storage_options`` for the URL's side (credentials):
+        never log them.
+        """
 
     @abc.abstractmethod
     async def cpu_seconds(self) -> Decimal:
@@ -69,8 +170,10 @@ class Runtime(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def activity(self, activity_id: str, agreement_id: str, resources: Resources) -> RuntimeActivity:
-        """A new, not yet deployed activity sandbox."""
+    def activity(
+        self, activity_id: str, agreement_id: str, resources: Resources, image: str | None = None
+    ) -> RuntimeActivity:
+        """A new, not yet deployed activity sandbox (``image``: what the demand asked for)."""
 
     async def cleanup(self, live_agreement_ids: set[str]) -> int:
         """Remove sandboxes left by agreements that are no longer live; returns how many."""

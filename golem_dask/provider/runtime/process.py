@@ -19,57 +19,22 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from golem_dask.errors import ActivityError
-from golem_dask.provider.runtime.base import Runtime, RuntimeActivity
-from golem_dask.transfer import copy
+from golem_dask.provider.runtime.base import (
+    Runtime,
+    RuntimeActivity,
+    transfer_into_sandbox,
+    worker_command,
+    worker_environ,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Options the provider sets itself from the agreement; a requestor's values are dropped.
-_ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
 _TERMINATE_GRACE_S = 5.0
-
-
-def worker_environ(threads: int) -> dict[str, str]:
-    """Environment a worker of ``threads`` threads starts with.
-
-    A nanny would set ``distributed.nanny.pre-spawn-environ``; these workers run without
-    one, so the provider sets it, with BLAS/OpenMP pools sized to the *agreed* threads
-    rather than every core of the machine.
-    """
-    import dask
-
-    environ = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()}
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        environ[name] = str(threads)
-    return environ
-
-
-def worker_command(args: Sequence[str], threads: int, memory_bytes: int) -> list[str]:
-    """The ``dask worker`` command line for the agreed resources.
-
-    Examples
-    --------
-    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30)[3:]
-    ['worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
-    """
-    if not args or args[0] != "worker":
-        raise ActivityError(f"the process runtime only runs 'dask worker', not {list(args)[:2]}")
-    kept: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _ENFORCED:
-            skip = "=" not in arg
-            continue
-        kept.append(arg)
-    return [sys.executable, "-m", "dask", *kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
 
 
 class ProcessActivity(RuntimeActivity):
@@ -96,7 +61,7 @@ class ProcessActivity(RuntimeActivity):
             raise ActivityError(f"the process runtime only runs 'dask', not {entry_point!r}")
         if self.workdir is None:
             raise ActivityError("run before start: the exe-script must start the activity first")
-        cmd = worker_command(args, self.resources.cpu_threads, self.resources.memory_bytes)
+        cmd = worker_command(args, self.resources.cpu_threads, self.resources.memory_bytes, [sys.executable], self.workdir)
         self._log_path = self.workdir / "worker.log"
         with open(self._log_path, "wb") as log:
             # A session of its own: a Ctrl-C meant for the requestor's terminal must not
@@ -113,17 +78,10 @@ class ProcessActivity(RuntimeActivity):
         self._ps = psutil.Process(self._process.pid)
         return f"pid {self._process.pid}: {' '.join(cmd[3:5])}"
 
-    async def transfer(self, source: str, destination: str) -> str:
+    async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
         if self.workdir is None:
             raise ActivityError("transfer before start: the exe-script must start the activity first")
-        root = str(self.workdir)
-
-        def local(url: str) -> str:
-            # Container-style absolute paths (/golem/input/x) live under the workdir.
-            return root + url if url.startswith("/") and not url.startswith(root) else url
-
-        result = await asyncio.to_thread(copy, local(source), local(destination))
-        return f"{result.nbytes} bytes {source} -> {destination}"
+        return await transfer_into_sandbox(self.workdir, source, destination, options)
 
     def _sample_cpu(self) -> Decimal:
         if self._ps is not None:
@@ -186,5 +144,5 @@ class ProcessRuntime(Runtime):
     def properties(self) -> dict[str, object]:
         return {"golem.runtime.version": sys.version.split()[0]}
 
-    def activity(self, activity_id: str, agreement_id: str, resources) -> ProcessActivity:
+    def activity(self, activity_id: str, agreement_id: str, resources, image: str | None = None) -> ProcessActivity:
         return ProcessActivity(activity_id, agreement_id, resources, self.root)

@@ -1,0 +1,172 @@
+"""Worker images whose Python, dask and distributed match the requestor's.
+
+Dask refuses to mix versions between client, scheduler and workers, and users' images
+drift from their environments.  ``golem-dask image build`` makes an image on this machine
+from wheels downloaded here (pip inside a container may not reach or trust the package
+index), pinned to the versions this Python runs, and writes them into a label that
+:func:`check_image` compares before any negotiation.
+
+Without a base image it makes one: ``debootstrap --variant=minbase`` of Debian bookworm
+(Python 3.11) imported with ``docker import``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from golem_dask.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BASE_TAG = "golem-dask-base:bookworm"
+VERSIONS_LABEL = "golem-dask.versions"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+#: Packages a worker needs beside dask and distributed, pinned to this machine's versions.
+WORKER_PACKAGES = ("numpy", "pandas", "pyarrow", "cloudpickle", "msgpack", "lz4")
+
+
+def client_versions() -> dict[str, str]:
+    """The versions a worker image must match: Python major.minor, dask, distributed.
+
+    Examples
+    --------
+    >>> sorted(client_versions())
+    ['dask', 'distributed', 'python']
+    """
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "dask": importlib.metadata.version("dask"),
+        "distributed": importlib.metadata.version("distributed"),
+    }
+
+
+def default_tag() -> str:
+    """``golem-dask-worker:py3.11-dask2026.8.0``: the image this client can use."""
+    v = client_versions()
+    return f"golem-dask-worker:py{v['python']}-dask{v['dask']}"
+
+
+def mismatches(image_versions: dict[str, str], wanted: dict[str, str] | None = None) -> list[str]:
+    """What differs between an image's label and this client, e.g. ``dask 2024.1.0 != 2026.8.0``."""
+    wanted = wanted or client_versions()
+    return [
+        f"{name} {image_versions.get(name, 'unknown')} in the image != {version} here"
+        for name, version in wanted.items()
+        if image_versions.get(name) != version
+    ]
+
+
+def check_image(image: Any) -> None:
+    """Refuse an image whose label says it runs other versions than this client.
+
+    ``image`` is a docker SDK image object.  Raises ConfigError naming the versions.
+    """
+    raw = (image.labels or {}).get(VERSIONS_LABEL)
+    tag = (image.tags or [image.short_id])[0]
+    if raw is None:
+        raise ConfigError(
+            f"image {tag} has no {VERSIONS_LABEL} label, so its dask version is unknown; "
+            "build one with 'golem-dask image build --base <image>'"
+        )
+    try:
+        versions = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"image {tag} has a malformed {VERSIONS_LABEL} label: {raw!r}") from e
+    wrong = mismatches(versions)
+    if wrong:
+        raise ConfigError(
+            f"image {tag} does not match this client: {'; '.join(wrong)}. "
+            "Rebuild it with 'golem-dask image build' so workers and client agree"
+        )
+
+
+def _run(cmd: Sequence[str], log: Callable[[str], None], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    log("$ " + " ".join(cmd))
+    result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise ConfigError(f"{cmd[0]} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result
+
+
+def _image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def build_base(log: Callable[[str], None] = print, mirror: str = DEBIAN_MIRROR) -> str:
+    """Make the minimal Debian base image with Python (skipped if it exists)."""
+    if _image_exists(BASE_TAG):
+        return BASE_TAG
+    if shutil.which("debootstrap") is None:
+        raise ConfigError("building the base image needs debootstrap: apt-get install debootstrap "
+                          "(or pass --base with an image that has python3 and python3-venv)")
+    with tempfile.TemporaryDirectory(prefix="golem-rootfs-") as root:
+        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm", root, mirror], log)
+        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        try:
+            _run(["docker", "import", "-", BASE_TAG], log, stdin=tar.stdout)
+        finally:
+            if tar.stdout is not None:
+                tar.stdout.close()
+            tar.wait()
+    return BASE_TAG
+
+
+def _requirements(extra: Sequence[str]) -> list[str]:
+    reqs = [f"{name}=={version}" for name, version in client_versions().items() if name != "python"]
+    for name in (*WORKER_PACKAGES, *extra):
+        try:
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def build(tag: str | None = None, base: str | None = None, extra_packages: Sequence[str] = (),
+          log: Callable[[str], None] = print) -> str:
+    """Build a worker image; returns its tag.
+
+    Examples
+    --------
+    >>> build()  # doctest: +SKIP
+    'golem-dask-worker:py3.11-dask2026.8.0'
+    """
+    tag = tag or default_tag()
+    base = base or build_base(log)
+    versions = client_versions()
+    probe = _run(["docker", "run", "--rm", "--network", "none", base, "python3", "-c",
+                  "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"], log)
+    if probe.stdout.strip() != versions["python"]:
+        raise ConfigError(f"base image {base} has Python {probe.stdout.strip()}, this client runs "
+                          f"{versions['python']}; pick a base with the same Python")
+    reqs = _requirements(extra_packages)
+    with tempfile.TemporaryDirectory(prefix="golem-image-") as ctx:
+        wheels = Path(ctx) / "wheels"
+        _run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(wheels), *reqs], log)
+        (Path(ctx) / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        (Path(ctx) / "Dockerfile").write_text(
+            f"FROM {base}\n"
+            "COPY wheels /tmp/wheels\n"
+            "COPY requirements.txt /tmp/requirements.txt\n"
+            "RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-index --no-cache-dir "
+            "--find-links /tmp/wheels -r /tmp/requirements.txt && rm -rf /tmp/wheels\n"
+            "ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1\n"
+            f"LABEL {VERSIONS_LABEL}='{json.dumps(versions, sort_keys=True)}'\n"
+        )
+        _run(["docker", "build", "--network", "none", "-t", tag, ctx], log)
+    check = _run(["docker", "run", "--rm", "--network", "none", tag, "python", "-c",
+                  "import dask, distributed, json, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
+                  "'dask': dask.__version__, 'distributed': distributed.__version__}))"], log)
+    wrong = mismatches(json.loads(check.stdout.strip().splitlines()[-1]), versions)
+    if wrong:
+        raise ConfigError(f"built {tag} but it runs other versions: {'; '.join(wrong)}")
+    log(f"built {tag}: {versions}")
+    return tag
