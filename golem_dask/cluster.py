@@ -434,7 +434,9 @@ class GolemCluster(SpecCluster):
         worker = self.workers.pop(name, None)
         if worker is None or self.status != Status.running:
             return
-        self.events.emit("warning", f"worker {name} lost: {reason.splitlines()[0] if reason else ''}; replacing it")
+        lines = [line for line in reason.splitlines() if line.strip()] or ["unknown reason"]
+        last = f" (last log line: {lines[-1].strip()})" if len(lines) > 1 else ""
+        self.events.emit("warning", f"worker {name} lost: {lines[0]}{last}; replacing it", reason=reason)
         self._futures.add(asyncio.ensure_future(worker.close()))
         if name in self.worker_spec:
             spec = self.worker_spec.pop(name)

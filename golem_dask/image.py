@@ -12,6 +12,7 @@ Without a base image it makes one: ``debootstrap --variant=minbase`` of Debian b
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -30,8 +31,14 @@ logger = logging.getLogger(__name__)
 BASE_TAG = "golem-dask-base:bookworm"
 VERSIONS_LABEL = "golem-dask.versions"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-#: Packages a worker needs beside dask and distributed, pinned to this machine's versions.
-WORKER_PACKAGES = ("numpy", "pandas", "pyarrow", "cloudpickle", "msgpack", "lz4")
+#: Packages a worker needs beside dask and distributed, pinned to this machine's versions
+#: (those not installed here are left out: dask warns when client and workers differ).
+WORKER_PACKAGES = (
+    "numpy", "pandas", "pyarrow", "cloudpickle", "msgpack", "toolz", "tornado",
+    # Optional accelerators dask uses when the client has them: graphs pickled by the
+    # client then refer to them, and a worker without them cannot load its tasks.
+    "cytoolz", "lz4", "zstandard", "bokeh",
+)
 
 
 def client_versions() -> dict[str, str]:
@@ -122,7 +129,10 @@ def build_base(log: Callable[[str], None] = print, mirror: str = DEBIAN_MIRROR) 
 
 def _requirements(extra: Sequence[str]) -> list[str]:
     reqs = [f"{name}=={version}" for name, version in client_versions().items() if name != "python"]
-    for name in (*WORKER_PACKAGES, *extra):
+    for name in WORKER_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+    for name in extra:
         try:
             reqs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:

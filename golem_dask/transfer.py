@@ -34,12 +34,43 @@ class TransferResult:
     sha256: Mapping[str, str]
 
 
+def display_url(url: str) -> str:
+    """A URL fit for logs and errors: inline data, credentials and query strings left out.
+
+    Examples
+    --------
+    >>> display_url("s3://key:secret@bucket/data.csv?token=x")
+    's3://***@bucket/data.csv'
+    >>> display_url("data:application/octet-stream;base64,AAAA")
+    'data:(41 characters)'
+    """
+    if url.startswith("data:"):
+        return f"data:({len(url)} characters)"
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}".split("?", 1)[0]
+
+
 def _open_fs(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url, **(options or {}))
     except (ImportError, ValueError) as e:
-        raise TransferError(f"cannot open {url}: {e}") from e
+        hint = " (pip install s3fs)" if url.startswith("s3://") and isinstance(e, ImportError) else ""
+        raise TransferError(f"cannot open {display_url(url)}: {type(e).__name__}{hint}") from e
     return fs, path
+
+
+def _copy_data_url(url: str, dst_fs: Any, dst: str) -> tuple[int, str]:
+    """Inline ``data:`` content (small files such as certificates) written out."""
+    fs = fsspec.filesystem("data")
+    payload = fs.cat_file(url)
+    parent = posixpath.dirname(dst)
+    if parent:
+        dst_fs.makedirs(parent, exist_ok=True)
+    with dst_fs.open(dst, "wb") as fout:
+        fout.write(payload)
+    return len(payload), hashlib.sha256(payload).hexdigest()
 
 
 def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int) -> tuple[int, str]:
@@ -84,13 +115,19 @@ def copy(
     >>> copy(os.path.join(d, "a.txt"), os.path.join(d, "out") + "/").nbytes
     5
     """
-    src_fs, src = _open_fs(source, source_options)
     dst_fs, dst = _open_fs(destination, destination_options)
     hashes: dict[str, str] = {}
     total = 0
+    if source.startswith("data:"):
+        try:
+            n, h = _copy_data_url(source, dst_fs, dst)
+        except (OSError, ValueError) as e:
+            raise TransferError(f"writing inline data to {display_url(destination)} failed: {type(e).__name__}") from e
+        return TransferResult(nbytes=n, files=1, sha256={dst: h})
+    src_fs, src = _open_fs(source, source_options)
     try:
         if not src_fs.exists(src):
-            raise TransferError(f"{source} does not exist")
+            raise TransferError(f"{display_url(source)} does not exist")
         if src_fs.isdir(src):
             base = src.rstrip("/")
             for path in sorted(src_fs.find(base)):
@@ -109,5 +146,7 @@ def copy(
     except (OSError, ValueError, RuntimeError) as e:
         # fsspec backends raise a zoo of errors (FileNotFoundError, ClientError,
         # aiohttp errors wrapped in OSError); the URL is what the user needs.
-        raise TransferError(f"copying {source} -> {destination} failed: {type(e).__name__}: {e}") from e
+        raise TransferError(
+            f"copying {display_url(source)} -> {display_url(destination)} failed: {type(e).__name__}: {e}"
+        ) from e
     return TransferResult(nbytes=total, files=len(hashes), sha256=hashes)

@@ -19,6 +19,7 @@ from typing import Any
 
 from golem_dask.errors import ActivityError
 from golem_dask.protocol.properties import Resources
+from golem_dask.transfer import display_url
 
 #: Where an activity's files live, as the requestor names them (inside a container).
 SANDBOX = "/golem"
@@ -58,16 +59,6 @@ async def transfer_into_sandbox(
     else:
         raise ActivityError(f"a transfer needs exactly one side in {SANDBOX}/: {source} -> {destination}")
     return f"{result.nbytes} bytes in {result.files} files: {display_url(source)} -> {display_url(destination)}"
-
-
-def display_url(url: str) -> str:
-    """A URL fit for logs: inline data and embedded credentials left out."""
-    if url.startswith("data:"):
-        return f"data:({len(url)} characters)"
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        rest = "***@" + rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}".split("?", 1)[0]
 
 
 def worker_environ(threads: int) -> dict[str, str]:

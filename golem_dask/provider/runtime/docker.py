@@ -150,8 +150,8 @@ class DockerActivity(RuntimeActivity):
         try:
             stats = self.container.stats(stream=False, one_shot=True)
             total_ns = stats["cpu_stats"]["cpu_usage"]["total_usage"]
-        except (KeyError, TypeError, _docker().errors.DockerException):
-            return self._cpu  # gone or stopping: keep the last reading
+        except Exception:  # gone or stopping (the SDK raises requests' errors too): keep the last reading
+            return self._cpu
         self._cpu = max(self._cpu, Decimal(total_ns) / Decimal(10**9))
         return self._cpu
 

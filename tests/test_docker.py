@@ -1,0 +1,257 @@
+"""Workers in real docker containers, with files moved in and out through fsspec.
+
+These tests use a real Docker engine and the worker image built by
+``golem-dask image build``; S3 is moto's server on loopback, HTTP a local server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client
+
+from docker_support import docker_client, no_leaked_containers, our_containers  # noqa: F401
+from golem_dask import GolemCluster
+from golem_dask.cluster import local_providers
+from golem_dask.errors import ActivityError, ConfigError
+from golem_dask.image import VERSIONS_LABEL, default_tag
+from golem_dask.market.local import LocalMarket
+from golem_dask.payment.base import from_wei
+from golem_dask.payment.ethereum import EthereumPayer
+from golem_dask.provider.runtime.docker import LABEL, LABEL_AGENT_PID, LABEL_AGREEMENT, DockerRuntime
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("docker_config", "no_leaked_containers")]
+
+PROVIDER = {"name": "dock", "cpu": 4, "memory": "8GiB", "storage": "10GiB", "runtime": "docker",
+            "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}
+
+
+@pytest.fixture
+def docker_config():
+    with dask.config.set({
+        "golem.provider.local": [PROVIDER],
+        "golem.demand.memory": "1GiB",
+        "golem.payment.metering-interval": "200ms",
+        "golem.provider.debit-note-interval": "1s",
+        "golem.market.negotiation-timeout": "10s",
+    }):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    try:
+        yield options
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def engine_cpu_seconds(client, agreement_id: str) -> float:
+    (container,) = client.containers.list(filters={"label": f"{LABEL_AGREEMENT}={agreement_id}"})
+    stats = container.stats(stream=False, one_shot=True)
+    return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+
+
+def test_dataframe_job_with_s3_and_http_inputs_and_local_outputs(docker_client, s3_server, http_dir, tmp_path):
+    import s3fs
+
+    rng = np.random.default_rng(7)
+    sales = pd.DataFrame({"store": rng.integers(0, 20, 50_000), "amount": rng.random(50_000).round(4)})
+    stores = pd.DataFrame({"store": range(20), "region": [f"r{i % 4}" for i in range(20)]})
+    import boto3
+
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **s3_server["client_kwargs"]).create_bucket(Bucket="data")
+    fs = s3fs.S3FileSystem(**s3_server)
+    with fs.open("data/sales.parquet", "wb") as f:
+        sales.to_parquet(f)
+    www, base = http_dir
+    stores.to_csv(www / "stores.csv", index=False)
+    out = tmp_path / "results"
+
+    with GolemCluster(
+        n_workers=2,
+        runtime="docker",
+        budget="2",
+        inputs={"s3://data/sales.parquet": "/golem/input/sales.parquet", f"{base}/stores.csv": "/golem/input/stores.csv"},
+        outputs={"/golem/output/": f"file://{out}/"},
+        storage_options={"s3": s3_server},
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        with Client(cluster) as client:
+            def job(worker_name: str) -> None:
+                import pandas as pd
+
+                df = pd.read_parquet("/golem/input/sales.parquet").merge(pd.read_csv("/golem/input/stores.csv"))
+                t = time.time()
+                while time.time() - t < 3:  # enough CPU for the metering comparison
+                    df.groupby("region").amount.sum()
+                df.groupby("region").amount.sum().to_frame().to_parquet(f"/golem/output/{worker_name}.parquet")
+
+            names = {w.address: name for name, w in cluster.workers.items()}
+            futures = [client.submit(job, name, workers=[addr], pure=False) for addr, name in names.items()]
+            client.gather(futures)
+            engine = {w.agreement_id: engine_cpu_seconds(docker_client, w.agreement_id) for w in cluster.workers.values()}
+
+    expected = sales.merge(stores).groupby("region").amount.sum().to_frame()
+    files = sorted(out.glob("*.parquet"))
+    assert [f.name for f in files] == ["golem-0.parquet", "golem-1.parquet"]
+    for f in files:
+        pd.testing.assert_frame_equal(pd.read_parquet(f), expected)
+    bill = cluster.bill()
+    assert {e.status for e in bill.entries} == {"paid"}
+    for e in bill.entries:
+        assert float(e.cpu_sec) == pytest.approx(engine[e.agreement_id], rel=0.10)
+    assert not any("secret" in str(ev) or "testing" in str(ev) for ev in cluster.events)
+
+
+def test_bridge_network_with_tls(docker_client):
+    with dask.config.set({"golem.provider.docker-network": "bridge"}):
+        with GolemCluster(n_workers=1, runtime="docker", budget="1") as cluster:
+            with Client(cluster) as client:
+                assert client.submit(sum, range(10)).result() == 45
+                (address,) = client.scheduler_info()["workers"]
+    assert cluster.scheduler_address.startswith("tls://")
+    assert address.startswith("tls://") and not address.startswith("tls://127.")
+    assert [e.status for e in cluster.bill().entries] == ["paid"]
+
+
+def test_mismatched_image_is_refused_before_negotiation(docker_client, tmp_path):
+    tag = "golem-dask-test:old-dask"
+    wrong = {"python": "3.11", "dask": "2020.12.0", "distributed": "2020.12.0"}
+    (tmp_path / "Dockerfile").write_text(f"FROM {default_tag()}\nLABEL {VERSIONS_LABEL}='{json.dumps(wrong)}'\n")
+    subprocess.run(["docker", "build", "--network", "none", "-q", "-t", tag, str(tmp_path)], check=True,
+                   capture_output=True)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(ConfigError) as info:
+            GolemCluster(n_workers=1, runtime="docker", image=tag)
+        assert time.perf_counter() - started < 5
+        message = str(info.value)
+        assert "dask 2020.12.0 in the image != " + dask.__version__ in message
+        assert "distributed 2020.12.0" in message and "golem-dask image build" in message
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+def test_missing_input_fails_clearly_pays_nothing_leaves_nothing(docker_client, tmp_path):
+    (agent,) = local_providers("erc20-devnet-glm", [PROVIDER], runtime="docker")
+    payer = EthereumPayer.embedded(Decimal(1))
+    missing = f"file://{tmp_path}/no-such-file.csv"
+    with pytest.raises(ActivityError) as info:
+        GolemCluster(n_workers=1, runtime="docker", market=LocalMarket([agent]), payer=payer,
+                     inputs={missing: "/golem/input/data.csv"})
+    assert "no-such-file.csv does not exist" in str(info.value)
+    assert agent.live_agreements == []
+    assert from_wei(payer.token.functions.balanceOf(agent.id).call()) == 0
+    assert our_containers(docker_client) == []
+
+
+def test_killed_container_is_replaced_and_billed_for_its_time(docker_client):
+    data = np.arange(200_000, dtype="f8")
+    with GolemCluster(n_workers=2, runtime="docker", budget="2") as cluster:
+        with Client(cluster) as client:
+            victim = cluster.workers["golem-0"]
+            (container,) = docker_client.containers.list(
+                filters={"label": f"{LABEL_AGREEMENT}={victim.agreement_id}"})
+            container.kill()
+            import dask.array as da
+
+            x = da.from_array(data, chunks=5_000)
+            assert float((x + 1).sum().compute()) == float((data + 1).sum())
+            deadline = time.time() + 60
+            while ("golem-0" in cluster.workers or len(cluster.workers) < 2) and time.time() < deadline:
+                time.sleep(0.2)
+            client.wait_for_workers(2, timeout=60)
+    bill = cluster.bill()
+    assert len(bill.entries) == 3 and {e.status for e in bill.entries} == {"paid"}
+    dead = next(e for e in bill.entries if e.worker == "golem-0")
+    survivor = next(e for e in bill.entries if e.worker == "golem-1")
+    assert dead.duration_sec < survivor.duration_sec
+
+
+def test_sigint_to_the_requestor_leaves_no_container(docker_client, tmp_path):
+    script = tmp_path / "requestor.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, dask
+        from golem_dask import GolemCluster
+        dask.config.set({{"golem.provider.local": [{PROVIDER!r}], "golem.demand.memory": "1GiB"}})
+        with GolemCluster(n_workers=2, runtime="docker", budget="1") as cluster:
+            print("ready", flush=True)
+            time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        assert len(our_containers(docker_client)) == 2
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert our_containers(docker_client) == []
+
+
+def test_provider_start_removes_containers_of_dead_agents(docker_client):
+    leftover = docker_client.containers.run(
+        default_tag(), ["sleep", "300"], detach=True, network_mode="none",
+        labels={LABEL: "1", LABEL_AGREEMENT: "gone", LABEL_AGENT_PID: "999999999"},
+    )
+    runtime = DockerRuntime(default_tag(), provider_name="dock")
+    import asyncio
+
+    removed = asyncio.run(runtime.cleanup(set()))
+    assert removed == 1
+    assert leftover.id not in [c.id for c in our_containers(docker_client)]
