@@ -255,3 +255,20 @@ def test_provider_start_removes_containers_of_dead_agents(docker_client):
     removed = asyncio.run(runtime.cleanup(set()))
     assert removed == 1
     assert leftover.id not in [c.id for c in our_containers(docker_client)]
+
+
+def test_embedded_default_picks_docker_when_the_engine_answers(docker_client):
+    auto = {**PROVIDER, "runtime": "auto"}
+    with dask.config.set({"golem.provider.local": [auto]}):
+        with GolemCluster(n_workers=1, budget="1") as cluster:
+            assert cluster.runtime == "docker"
+            assert cluster.scheduler_address.startswith("tls://")
+            assert len(our_containers(docker_client)) == 1
+        assert any("docker runtime with image" in str(e) for e in cluster.events.of_kind("runtime"))
+        # Without the image it says so and falls back to processes.
+        with dask.config.set({"golem.demand.image": "golem-dask-test:absent"}):
+            with GolemCluster(n_workers=1, budget="1") as cluster:
+                assert cluster.runtime == "process"
+                assert our_containers(docker_client) == []
+        (event,) = cluster.events.of_kind("runtime")
+        assert "image golem-dask-test:absent is missing" in str(event) and "golem-dask image build" in str(event)
