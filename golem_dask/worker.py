@@ -18,6 +18,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from golem_dask import config
 from golem_dask.errors import ActivityError, GolemDaskError
 from golem_dask.market.base import Market
 from golem_dask.market.negotiation import Deal, Negotiator
@@ -137,7 +138,7 @@ class GolemWorker(ProcessInterface):
             "--no-dashboard",
             # Without a requestor the worker is useless: exit rather than linger.
             "--death-timeout",
-            "60",
+            str(int(config.seconds("worker.death-timeout"))),
             *self.parts.worker_options,
         ]
 
@@ -158,7 +159,8 @@ class GolemWorker(ProcessInterface):
                 *p.setup,
                 ExeCommand("run", {"entry_point": "dask", "args": self.command(), "env": env}),
             ]
-            await p.market.exec(activity.id, script, p.start_timeout_s)
+            for command, line in zip(script, await p.market.exec(activity.id, script, p.start_timeout_s)):
+                p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name)
             # Only a worker that got to run is owed anything.
             p.accountant.activity_started(agreement.id)
             failed: asyncio.Future[Any] = asyncio.ensure_future(self._failed.wait())
@@ -187,6 +189,8 @@ class GolemWorker(ProcessInterface):
 
     async def _follow(self, activity_id: str) -> None:
         async for activity in self.parts.market.activity_events(activity_id):
+            self.parts.events.emit("activity", f"{self.name}: activity {activity.state.value}", worker=self.name,
+                                   state=activity.state.value)
             if activity.state in (ActivityState.FAILED, ActivityState.TERMINATED) and not self._released:
                 self._failure = activity.reason or activity.state.value
                 self._failed.set()

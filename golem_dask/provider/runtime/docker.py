@@ -23,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from golem_dask import config
 from golem_dask.errors import ActivityError, ConfigError
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.runtime.base import (
@@ -42,7 +43,6 @@ LABEL_ACTIVITY = "golem-dask.activity"
 LABEL_PROVIDER = "golem-dask.provider"
 LABEL_AGENT_PID = "golem-dask.agent-pid"
 LABEL_VERSIONS = "golem-dask.versions"
-_STOP_GRACE_S = 5
 
 
 def _docker() -> Any:
@@ -175,7 +175,7 @@ class DockerActivity(RuntimeActivity):
             self._sample()
             self.container = None
             with contextlib.suppress(errors.DockerException):
-                container.stop(timeout=_STOP_GRACE_S)
+                container.stop(timeout=int(config.seconds("provider.stop-grace")))
             with contextlib.suppress(errors.DockerException):
                 self._logs = container.logs(tail=200).decode(errors="replace")
             with contextlib.suppress(errors.NotFound):

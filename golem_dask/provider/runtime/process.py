@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from golem_dask import config
 from golem_dask.errors import ActivityError
 from golem_dask.provider.runtime.base import (
     Runtime,
@@ -33,9 +34,6 @@ from golem_dask.provider.runtime.base import (
 )
 
 logger = logging.getLogger(__name__)
-
-_TERMINATE_GRACE_S = 5.0
-
 
 class ProcessActivity(RuntimeActivity):
     """One ``dask worker`` child process in a working directory of its own."""
@@ -106,13 +104,15 @@ class ProcessActivity(RuntimeActivity):
                 proc.send_signal(signal.SIGTERM)
             # Sample while it shuts down: once reaped, its CPU time is gone.
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + _TERMINATE_GRACE_S
+            grace = config.seconds("provider.stop-grace")
+            deadline = loop.time() + grace
             while proc.returncode is None and loop.time() < deadline:
                 self._sample_cpu()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(proc.wait(), 0.05)
             if proc.returncode is None:
-                logger.warning("activity %s did not stop in %ss; killing it", self.activity_id, _TERMINATE_GRACE_S)
+                logger.warning("activity %s did not stop in %ss (golem.provider.stop-grace); killing it",
+                               self.activity_id, grace)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
