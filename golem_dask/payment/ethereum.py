@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, Union, cast
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union, cast
 from golem_dask.errors import ConfigError, GolemDaskError, PaymentError
 from golem_dask.payment.base import Payer, Transfer, from_wei, to_wei
 from golem_dask.payment.devnet import Devnet
+from golem_dask.payment.ledger import PAID, Debt, Ledger, PaymentRecord
 from golem_dask.payment.wallet import Wallet
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ DEVNET_PLATFORM = "erc20-devnet-glm"
 ChainSource = Union["Web3", Devnet, Callable[[], Union["Web3", Devnet]]]
 
 _T = TypeVar("_T")
+#: Payees per batch transaction (the batch contract's limit).
+_BATCH_MAX = 256
+_GWEI = 10**9
 
 
 @dataclass(slots=True)
@@ -113,6 +117,13 @@ class EthereumPayer(Payer):
         platform: str = DEVNET_PLATFORM,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.2,
+        ledger: Ledger | None = None,
+        batch_address: str | None = None,
+        batch_window_s: float = 0.1,
+        priority_fee_wei: int = _GWEI,
+        max_fee_wei: int | None = None,
+        replace_after_s: float = 60.0,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         if not isinstance(wallet, Wallet):
             raise ConfigError(f"wallet must be a golem_dask Wallet, got {type(wallet).__name__}")
@@ -139,7 +150,19 @@ class EthereumPayer(Payer):
         self._chain_lock: Any = threading.RLock()
         self._start_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._next_nonce: int | None = None
+        #: Every debt and payment, written before money moves (in memory by default:
+        #: pass a file-backed Ledger for a chain that outlives this process).
+        self.ledger = ledger if ledger is not None else Ledger(":memory:")
+        self._batch_address_arg = batch_address
+        self._batch: Contract | None = None
+        self._batch_window_s = float(batch_window_s)
+        self._priority_fee_wei = int(priority_fee_wei)
+        self._max_fee_wei = None if max_fee_wei is None else int(max_fee_wei)
+        self._replace_after_s = float(replace_after_s)
+        # Called with "debt", "signed", "sent", "receipt" as a payment passes each
+        # durable step (crash tests stop the process there).
+        self._on_step = on_step
+        self._errors: dict[str, str] = {}
         self._started = False
         self._closed = False
         self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLocks]
@@ -290,11 +313,13 @@ class EthereumPayer(Payer):
         source: Any = self._chain_source
         if callable(source) and not isinstance(source, Devnet | Web3):
             source = source()
+        batch_address = self._batch_address_arg
         if isinstance(source, Devnet):
             devnet = source
             w3 = devnet.w3
             self._chain_lock = devnet.lock
             token_address = self._token_address_arg or devnet.token_address
+            batch_address = batch_address or getattr(devnet, "batch_address", None)
             abi = devnet.token.abi
         elif isinstance(source, Web3):
             devnet = None
@@ -323,6 +348,14 @@ class EthereumPayer(Payer):
                     "check token_address and the chain the Web3 is connected to"
                 )
             token = w3.eth.contract(address=token_address, abi=abi)
+            if batch_address:
+                from golem_dask.payment.contracts import load_artifact
+
+                batch_address = Web3.to_checksum_address(batch_address)
+                if not w3.eth.get_code(batch_address):
+                    raise PaymentError(f"no contract at batch address {batch_address} on chain {chain_id}; "
+                                       "check golem.payment.batch-address (or leave it empty to pay one by one)")
+                self._batch = w3.eth.contract(address=batch_address, abi=load_artifact("GolemDaskBatch")["abi"])
 
         if self._funding is not None:
             if devnet is None:
@@ -353,11 +386,12 @@ class EthereumPayer(Payer):
     # --- paying ---------------------------------------------------------------------
 
     async def pay(self, payee: str, amount: Decimal, *, reference: str) -> Transfer:
-        """Transfer ``amount`` tokens to ``payee`` and wait for the receipt.
+        """Owe ``amount`` tokens to ``payee`` and pay it, batched with other debts.
 
-        The transfer counts as made only if the transaction succeeded *and* its
-        receipt holds the token's ``Transfer(requestor, payee, amount)`` event.
-        Concurrent calls are safe: nonces are assigned one at a time.
+        The debt is written to the ledger before anything is signed; then every debt
+        owed at that moment (after a short batching window, so that workers retired
+        together share one transaction) is paid, and this returns once the payment
+        holding this debt is confirmed with the token's ``Transfer`` event.
 
         Parameters
         ----------
@@ -366,19 +400,14 @@ class EthereumPayer(Payer):
         amount:
             Token units (``Decimal`` or ``int``; positive, at most 18 decimals).
         reference:
-            Invoice id; it appears in log lines so a payment can be traced.
-
-        Returns
-        -------
-        Transfer
-            Payee (checksummed), amount in wei, ``0x``-prefixed transaction hash and
-            block number.
+            Invoice id: one invoice is one debt, however often ``pay`` is called.
 
         Raises
         ------
         PaymentError
             If the amount or payee is invalid, the requestor cannot cover the amount or
-            the gas, or the chain failed; the message says what to do.
+            the gas, or the chain failed.  The debt stays in the ledger (owed, or paying
+            when a transaction is in flight) for ``settle`` or ``golem-dask pay``.
 
         Examples
         --------
@@ -393,110 +422,280 @@ class EthereumPayer(Payer):
         payee = self._checksum(payee, "payee")
         wei = self._amount_wei(amount)
         await self._ensure_started()
-        what = f"payment of {amount} tokens to {payee} (reference {reference})"
+        debt = await asyncio.to_thread(
+            self.ledger.add_debt, reference, reference, self.address, payee, wei, self.platform
+        )
+        if debt.payee != payee or debt.amount_wei != wei:
+            raise PaymentError(f"invoice {reference} is already owed with other terms ({debt.payee}, {debt.amount})")
+        self._checkpoint("debt")
+        await self.settle()
+        debt = await asyncio.to_thread(self.ledger.debt, debt.id)
+        if debt.status != PAID or debt.payment_id is None:
+            cause = self._errors.pop(debt.id, None)
+            raise PaymentError(
+                f"payment of {amount} tokens to {payee} (reference {reference}) is still {debt.status}"
+                + (f": {cause}" if cause else "")
+                + "; the debt stays in the ledger: 'golem-dask pay' settles it once this is fixed"
+            )
+        record = await asyncio.to_thread(self.ledger.payment, debt.payment_id)
+        assert record.confirmed_hash is not None and record.block_number is not None
+        return Transfer(payee=payee, amount_wei=wei, tx_hash=record.confirmed_hash, block_number=record.block_number)
+
+    async def settle(self) -> list[PaymentRecord]:
+        """Reconcile unfinished payments with the chain, then pay every owed debt.
+
+        Returns the payments confirmed by this call.  Safe to call concurrently (one
+        runs at a time) and after a crash (reconciling comes first).
+        """
+        await self._ensure_started()
         async with self._locks().pay:
-            tx_hash = await asyncio.to_thread(self._send_transfer, payee, wei, what)
-        # The receipt is awaited outside the pay lock: the nonce is already taken, so
-        # on a slow chain several payments can be in flight at once.
-        receipt = await asyncio.to_thread(self._wait_for_receipt, tx_hash, what)
-        tx_hex = "0x" + bytes(tx_hash).hex()
-        if receipt["status"] != 1:
-            self._next_nonce = None
-            raise PaymentError(
-                f"{what} reverted on chain in transaction {tx_hex}; check the requestor's "
-                f"token balance with payer.balance({self.address!r}) and top it up"
-            )
-        if not self._has_transfer_event(receipt, payee, wei):
-            raise PaymentError(
-                f"{what}: transaction {tx_hex} succeeded but its receipt has no matching "
-                f"Transfer event; {self._token_address} may not be a standard ERC-20 token"
-            )
-        transfer = Transfer(
-            payee=payee,
-            amount_wei=wei,
-            tx_hash=tx_hex,
-            block_number=int(receipt["blockNumber"]),
-        )
-        logger.info(
-            "paid %s tokens to %s (reference %s) in tx %s, block %d, gas %d",
-            amount,
-            payee,
-            reference,
-            tx_hex,
-            transfer.block_number,
-            receipt["gasUsed"],
-        )
-        return transfer
+            if self._batch_window_s:
+                await asyncio.sleep(self._batch_window_s)  # let concurrent debts join
+            return await asyncio.to_thread(self._settle_sync)
 
-    def _send_transfer(self, payee: str, wei: int, what: str) -> bytes:
-        assert self._token is not None and self._w3 is not None
-        # _send_lock spans nonce choice through broadcast, so two pays (even from two
-        # event loops) never sign the same nonce.
+    def owed(self) -> list[Debt]:
+        """Debts of this payer not yet paid."""
+        return [d for d in self.ledger.debts() if d.payer == self.address and d.status != PAID]
+
+    def _checkpoint(self, step: str) -> None:
+        if self._on_step is not None:
+            self._on_step(step)
+
+    def _settle_sync(self) -> list[PaymentRecord]:
         with self._send_lock:
-            try:
-                with self._chain_lock:
-                    sender = cast("ChecksumAddress", self.address)
-                    pending = int(self._w3.eth.get_transaction_count(sender, "pending"))
-                    nonce = max(pending, self._next_nonce or 0)
-                    # build_transaction estimates gas, which executes the transfer: a
-                    # transfer that would revert fails here, before anything is signed.
-                    params = {"from": self.address, "nonce": nonce, "chainId": self._chain_id}
-                    tx = self._token.functions.transfer(payee, wei).build_transaction(
-                        cast("TxParams", params)
-                    )
-                raw = self._wallet.sign_transaction(dict(tx))
-                with self._chain_lock:
-                    tx_hash = self._w3.eth.send_raw_transaction(raw)
-            except Exception as e:
-                # The chain's view of the nonce is authoritative after a failure.
-                self._next_nonce = None
-                raise self._error(what, e) from e
-            self._next_nonce = nonce + 1
-            logger.debug("sent %s as tx 0x%s (nonce %d)", what, bytes(tx_hash).hex(), nonce)
-            return bytes(tx_hash)
+            done = self._reconcile_sync()
+            owed = self.ledger.owed(self.address)
+            if not owed:
+                return done
+            if self._batch is not None and len(owed) > 1:
+                groups = [owed[i:i + _BATCH_MAX] for i in range(0, len(owed), _BATCH_MAX)]
+            else:
+                groups = [[debt] for debt in owed]
+            for group in groups:
+                # One payment failing (say, a balance too low for it) must not stop the
+                # others; its debts stay owed and the reason reaches their pay() callers.
+                try:
+                    done.append(self._pay_group(group))
+                except PaymentError as e:
+                    for debt in group:
+                        self._errors[debt.id] = str(e)
+                    logger.warning("%s", e)
+            return done
 
-    def _wait_for_receipt(self, tx_hash: bytes, what: str) -> Any:
+    def _pay_group(self, group: list[Debt]) -> PaymentRecord:
+        if len(group) == 1:
+            (d,) = group
+            call = self._token.functions.transfer(d.payee, d.amount_wei)  # type: ignore[union-attr]
+            what = f"payment of {d.amount} tokens to {d.payee} (reference {d.invoice_id})"
+            return self._submit("transfer", group, call, what)
+        assert self._batch is not None
+        self._ensure_allowance(sum(d.amount_wei for d in group))
+        call = self._batch.functions.batchTransferFrom(
+            self._token_address, [d.payee for d in group], [d.amount_wei for d in group])
+        total = from_wei(sum(d.amount_wei for d in group))
+        what = f"batch payment of {total} tokens to {len(group)} payees (references {', '.join(d.invoice_id for d in group)})"
+        return self._submit("batch", group, call, what)
+
+    def _ensure_allowance(self, wei: int) -> None:
+        assert self._token is not None and self._batch is not None
+        with self._chain_lock:
+            allowance = int(self._token.functions.allowance(self.address, self._batch.address).call())
+        if allowance < wei:
+            # Once, for good: the batch contract holds nothing and can only move tokens
+            # from the account that calls it.
+            self._submit("approve", [], self._token.functions.approve(self._batch.address, 2**256 - 1),
+                         "approving the batch contract")
+
+    def _fees(self, bump: int = 0) -> dict[str, int]:
+        """EIP-1559 fees: twice the base fee plus the tip, never above the cap."""
+        assert self._w3 is not None
+        with self._chain_lock:
+            base = self._w3.eth.get_block("latest").get("baseFeePerGas")
+        if base is None:
+            with self._chain_lock:
+                return {"gasPrice": int(self._w3.eth.gas_price * (125 ** bump) // (100 ** bump))}
+        tip = self._priority_fee_wei * (125 ** bump) // (100 ** bump)
+        max_fee = (2 * int(base) + self._priority_fee_wei) * (125 ** bump) // (100 ** bump)
+        if self._max_fee_wei is not None:
+            if int(base) + tip > self._max_fee_wei:
+                raise PaymentError(
+                    f"the chain's base fee ({int(base)} wei) plus tip exceeds the fee cap "
+                    f"({self._max_fee_wei} wei, golem.payment.max-fee-gwei); raise the cap or wait"
+                )
+            max_fee = min(max_fee, self._max_fee_wei)
+            tip = min(tip, max_fee)
+        return {"maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip}
+
+    def _sign(self, call: Any, nonce: int, fees: dict[str, int], gas: int | None = None) -> tuple[bytes, str, int]:
+        from eth_utils import keccak
+
+        params: dict[str, Any] = {"from": self.address, "nonce": nonce, "chainId": self._chain_id, **fees}
+        if gas is not None:
+            params["gas"] = gas
+        with self._chain_lock:
+            # build_transaction estimates gas by executing the call: one that would
+            # revert fails here, before anything is signed or recorded.
+            tx = call.build_transaction(cast("TxParams", params))
+        raw = self._wallet.sign_transaction(dict(tx))
+        return raw, "0x" + keccak(raw).hex(), int(tx["gas"])
+
+    def _next_nonce_sync(self) -> int:
+        assert self._w3 is not None
+        with self._chain_lock:
+            pending = int(self._w3.eth.get_transaction_count(cast("ChecksumAddress", self.address), "pending"))
+        recorded = self.ledger.max_nonce(self.address)
+        return max(pending, -1 if recorded is None else recorded + 1)
+
+    def _submit(self, kind: str, debts: list[Debt], call: Any, what: str) -> PaymentRecord:
+        try:
+            nonce = self._next_nonce_sync()
+            fees = self._fees()
+            raw, tx_hash, gas = self._sign(call, nonce, fees)
+        except GolemDaskError:
+            raise
+        except Exception as e:
+            raise self._error(what, e) from e
+        payment_id = self.ledger.record_signed(
+            self.address, nonce, kind, [d.id for d in debts], tx_hash, raw, fees.get("maxFeePerGas"))
+        self._checkpoint("signed")
+        self._broadcast(raw, what)
+        self.ledger.mark_sent(payment_id)
+        self._checkpoint("sent")
+        receipt = self._await_receipt(payment_id, call, nonce, fees, gas, what)
+        self._checkpoint("receipt")
+        return self._finish(payment_id, receipt, what)
+
+    def _broadcast(self, raw: bytes, what: str) -> None:
+        assert self._w3 is not None
+        try:
+            with self._chain_lock:
+                self._w3.eth.send_raw_transaction(raw)
+        except Exception as e:
+            text = str(e).lower()
+            # Re-sending what the node already has (after a crash) is not an error.
+            if "already known" in text or "already imported" in text or "known transaction" in text:
+                return
+            raise self._error(what, e) from e
+
+    def _receipt(self, tx_hashes: Sequence[str]) -> Any:
         from web3.exceptions import TransactionNotFound
 
-        # Poll ourselves instead of w3.eth.wait_for_transaction_receipt so the chain
-        # lock is released between polls and other payers can use the chain.
-        deadline = time.monotonic() + self._receipt_timeout
-        while True:
+        assert self._w3 is not None
+        for tx_hash in tx_hashes:
             try:
                 with self._chain_lock:
-                    return self._w3.eth.get_transaction_receipt(  # type: ignore[union-attr]
-                        cast("HexBytes", tx_hash)
-                    )
+                    return self._w3.eth.get_transaction_receipt(cast("HexBytes", tx_hash))
             except TransactionNotFound:
-                pass
+                continue
+        return None
+
+    def _await_receipt(
+        self, payment_id: str, call: Any, nonce: int, fees: dict[str, int], gas: int, what: str
+    ) -> Any:
+        """Poll for a receipt of any of the payment's transactions; replace it when stuck."""
+        started = time.monotonic()
+        replaced_at = started
+        bump = 0
+        hashes = list(self.ledger.payment(payment_id).tx_hashes)
+        while True:
+            try:
+                receipt = self._receipt(hashes)
             except Exception as e:
                 raise self._error(what, e) from e
-            if time.monotonic() >= deadline:
+            if receipt is not None:
+                return receipt
+            now = time.monotonic()
+            if now - started >= self._receipt_timeout:
                 raise PaymentError(
-                    f"{what}: no receipt for tx 0x{tx_hash.hex()} after "
-                    f"{self._receipt_timeout:g} s; it may still be mined — check the hash "
-                    "on chain before paying again, or raise receipt_timeout"
+                    f"{what}: no receipt for {', '.join(hashes)} after {self._receipt_timeout:g}s; the ledger "
+                    "keeps it as sent, and the next settle (or 'golem-dask pay') checks the chain first"
                 )
+            if call is not None and now - replaced_at >= self._replace_after_s:
+                bump += 1
+                try:
+                    new_fees = self._fees(bump)
+                    raw, tx_hash, _ = self._sign(call, nonce, new_fees, gas)
+                except PaymentError as e:  # at the fee cap: keep waiting for the old one
+                    logger.warning("%s: cannot replace the stuck transaction: %s", what, e)
+                    call = None
+                else:
+                    self.ledger.add_replacement(payment_id, tx_hash, raw, new_fees.get("maxFeePerGas"))
+                    hashes.append(tx_hash)
+                    logger.warning("%s: transaction stuck for %.0fs; replaced it with %s (same nonce %d, higher fee)",
+                                   what, now - replaced_at, tx_hash, nonce)
+                    self._broadcast(raw, what)
+                replaced_at = now
             time.sleep(self._poll_interval)
 
-    def _has_transfer_event(self, receipt: Any, payee: str, wei: int) -> bool:
+    def _finish(self, payment_id: str, receipt: Any, what: str) -> PaymentRecord:
+        record = self.ledger.payment(payment_id)
+        tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+        if receipt["status"] != 1:
+            self.ledger.mark_failed(payment_id, f"transaction {tx_hash} reverted")
+            raise PaymentError(
+                f"{what} reverted on chain in transaction {tx_hash}; check the requestor's token balance "
+                f"with payer.balance({self.address!r}) and top it up; the debts are owed again"
+            )
+        debts = [self.ledger.debt(d) for d in record.debt_ids]
+        missing = self._unmatched_transfers(receipt, [(d.payee, d.amount_wei) for d in debts])
+        if missing:
+            self.ledger.mark_failed(payment_id, f"transaction {tx_hash} lacks Transfer events for {missing}")
+            raise PaymentError(
+                f"{what}: transaction {tx_hash} succeeded but its receipt lacks Transfer events for {missing}; "
+                f"{self._token_address} may not be a standard ERC-20 token"
+            )
+        self.ledger.mark_confirmed(payment_id, tx_hash, int(receipt["blockNumber"]))
+        for d in debts:
+            logger.info("paid %s tokens to %s (reference %s) in tx %s, block %d, gas %d",
+                        d.amount, d.payee, d.invoice_id, tx_hash, receipt["blockNumber"], receipt["gasUsed"])
+        return self.ledger.payment(payment_id)
+
+    def _reconcile_sync(self) -> list[PaymentRecord]:
+        """Settle what a crash left signed or sent, by hash and nonce, before anything new."""
+        assert self._w3 is not None
+        done = []
+        for record in self.ledger.unfinished(self.address):
+            what = f"unfinished {record.kind} (nonce {record.nonce})"
+            receipt = self._receipt(record.tx_hashes)
+            if receipt is None:
+                with self._chain_lock:
+                    used = int(self._w3.eth.get_transaction_count(cast("ChecksumAddress", self.address), "latest"))
+                if used > record.nonce:
+                    # None of our hashes is mined, yet the nonce is spent: it went to
+                    # another transaction.  The debts are owed again, under a new nonce.
+                    self.ledger.mark_failed(record.id, f"nonce {record.nonce} was used by another transaction")
+                    continue
+                # Never mined: send the very same signed bytes again (same nonce).
+                logger.warning("re-sending %s as %s", what, record.tx_hashes[-1])
+                self._broadcast(self.ledger.raw_transaction(record.tx_hashes[-1]), what)
+                self.ledger.mark_sent(record.id)
+                receipt = self._await_receipt(record.id, None, record.nonce, {}, 0, what)
+            try:
+                done.append(self._finish(record.id, receipt, what))
+            except PaymentError as e:
+                logger.warning("%s", e)
+        return done
+
+    def _unmatched_transfers(self, receipt: Any, expected: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The (payee, wei) pairs with no matching token Transfer event in ``receipt``."""
         from web3.logs import DISCARD
 
         assert self._token is not None
         with self._chain_lock:
             events = self._token.events.Transfer().process_receipt(receipt, errors=DISCARD)
-        for event in events:
+        seen = [
+            (e["args"]["receiver"], int(e["args"]["value"]))
+            for e in events
             # Any contract can emit an event with this signature; only the token's count.
-            if event["address"] != self._token_address:
-                continue
-            args = event["args"]
-            if (
-                args["sender"] == self.address
-                and args["receiver"] == payee
-                and int(args["value"]) == wei
-            ):
-                return True
-        return False
+            if e["address"] == self._token_address and e["args"]["sender"] == self.address
+        ]
+        missing = []
+        for pair in expected:
+            if pair in seen:
+                seen.remove(pair)  # two equal debts need two events
+            else:
+                missing.append(pair)
+        return missing
 
     def _error(self, what: str, e: Exception) -> PaymentError:
         # The key never reaches web3 (only the signed transaction does), so web3's own
