@@ -45,6 +45,44 @@ def demo(workers: int, budget: str, size: int) -> int:
     return 0 if ok else 1
 
 
+def ledger(path: str | None, as_json: bool) -> int:
+    """Print the ledger's debts and payments."""
+    import os
+
+    from golem_dask import config
+    from golem_dask.payment.ledger import Ledger, dumps
+
+    path = path or os.path.join(os.path.expanduser(config.get("payment.data-dir")), "ledger.sqlite")
+    if not os.path.exists(path):
+        print(f"no ledger at {path}", file=sys.stderr)
+        return 1
+    book = Ledger(path)
+    print(dumps(book.report()) if as_json else book.table())
+    return 0
+
+
+def pay() -> int:
+    """Settle every owed debt of the configured requestor; exit 1 if any is left."""
+    import asyncio
+
+    from golem_dask.errors import GolemDaskError
+    from golem_dask.payment.ethereum import EthereumPayer
+
+    try:
+        payer = EthereumPayer.from_config()
+        done = asyncio.run(payer.settle())
+    except GolemDaskError as e:
+        print(f"golem-dask pay: {e}", file=sys.stderr)
+        return 1
+    for record in done:
+        print(f"{record.kind} nonce {record.nonce}: {len(record.debt_ids)} debts paid in {record.confirmed_hash}")
+    left = payer.owed()
+    for debt in left:
+        print(f"still owed: {debt.amount} GLM to {debt.payee} (invoice {debt.invoice_id}, {debt.status})")
+    print(f"{len(done)} payments confirmed; {len(left)} debts still owed")
+    return 1 if left else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="golem-dask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--tag", help="image tag (default: golem-dask-worker:py<X.Y>-dask<version>)")
     b.add_argument("--base", help="base image with python3 and python3-venv (default: debootstrap bookworm)")
     b.add_argument("--package", action="append", default=[], help="extra package to install (repeatable)")
+    led = sub.add_parser("ledger", help="list debts and payments from the durable ledger")
+    led.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    led.add_argument("--path", help="ledger file (default: <golem.payment.data-dir>/ledger.sqlite)")
+    sub.add_parser("pay", help="reconcile with the chain and pay every debt still owed (golem.payment.* config)")
     args = parser.parse_args(argv)
+    if args.command == "ledger":
+        return ledger(args.path, args.json)
+    if args.command == "pay":
+        return pay()
     if args.command == "image":
         from golem_dask.image import build
 

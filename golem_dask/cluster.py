@@ -227,7 +227,10 @@ class GolemCluster(SpecCluster):
         if payer is None:
             from golem_dask.payment.ethereum import EthereumPayer
 
-            payer = EthereumPayer.embedded(total, platform=self.spec.platform)
+            if config.get("payment.rpc-url"):
+                payer = EthereumPayer.from_config(platform=self.spec.platform)
+            else:
+                payer = EthereumPayer.embedded(total, platform=self.spec.platform)
         self.payer = payer
         self.market = self._make_market(market)
         use_tls = config.get("cluster.tls", tls)
@@ -472,6 +475,13 @@ class GolemCluster(SpecCluster):
         bill = self.accountant.bill()
         if bill.entries:
             self.events.emit("payment", f"cluster closed; paid {bill.total} GLM in total", total=bill.total)
+        if bill.owed:
+            owed = ", ".join(f"{e.amount} GLM to {e.provider}" for e in bill.entries
+                             if e.status in ("payment failed", "awaiting invoice"))
+            where = getattr(getattr(self.payer, "ledger", None), "path", None)
+            self.events.emit("warning", f"still owed: {owed}; the debts are kept in the ledger"
+                             + (f" ({where})" if where else "") + "; run 'golem-dask pay' to settle them",
+                             owed=bill.owed)
 
     # -- money ------------------------------------------------------------------------
 

@@ -52,6 +52,15 @@ _BATCH_MAX = 256
 _GWEI = 10**9
 
 
+def _config_address(value: Any) -> str | None:
+    """An address from config; DASK_GOLEM__... env vars turn ``0x...`` into an int."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"0x{value:040x}"
+    return str(value)
+
+
 @dataclass(slots=True)
 class _LoopLocks:
     # asyncio locks belong to one event loop; a payer used from two loops (a test
@@ -124,6 +133,7 @@ class EthereumPayer(Payer):
         max_fee_wei: int | None = None,
         replace_after_s: float = 60.0,
         on_step: Callable[[str], None] | None = None,
+        expected_chain_id: int | None = None,
     ) -> None:
         if not isinstance(wallet, Wallet):
             raise ConfigError(f"wallet must be a golem_dask Wallet, got {type(wallet).__name__}")
@@ -163,10 +173,63 @@ class EthereumPayer(Payer):
         # durable step (crash tests stop the process there).
         self._on_step = on_step
         self._errors: dict[str, str] = {}
+        self._expected_chain_id = expected_chain_id
         self._started = False
         self._closed = False
         self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLocks]
         self._loop_locks = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def from_config(
+        cls, platform: str | None = None, on_step: Callable[[str], None] | None = None
+    ) -> EthereumPayer:
+        """A payer on the chain named by ``golem.payment.*`` config, with a file ledger.
+
+        Examples
+        --------
+        >>> import dask
+        >>> with dask.config.set({"golem.payment.rpc-url": None}):  # doctest: +ELLIPSIS
+        ...     EthereumPayer.from_config()
+        Traceback (most recent call last):
+        ...
+        golem_dask.errors.ConfigError: golem.payment.rpc-url is not set; ...
+        """
+        import os
+
+        from golem_dask import config
+
+        url = config.get("payment.rpc-url")
+        if not url:
+            raise ConfigError("golem.payment.rpc-url is not set; set it (or DASK_GOLEM__PAYMENT__RPC_URL) to the "
+                              "chain's JSON-RPC URL, or leave it unset for the embedded devnet")
+        token = _config_address(config.get("payment.token-address"))
+        if not token:
+            raise ConfigError("golem.payment.token-address is not set: the ERC-20 token to pay with")
+        keystore = config.get("payment.keystore")
+        if keystore:
+            wallet = Wallet.from_keystore(os.path.expanduser(keystore), config.get("payment.keystore-password-env"))
+        else:
+            wallet = Wallet.from_env(config.get("payment.key-env"))
+        from web3 import HTTPProvider, Web3
+
+        timeout = config.seconds("payment.payment-timeout")
+        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": min(timeout, 30.0)}))
+        chain_id = config.get("payment.chain-id")
+        return cls(
+            w3,
+            wallet=wallet,
+            token_address=token,
+            batch_address=_config_address(config.get("payment.batch-address")),
+            platform=platform or config.get("payment.platform"),
+            receipt_timeout=timeout,
+            ledger=Ledger(os.path.join(os.path.expanduser(config.get("payment.data-dir")), "ledger.sqlite")),
+            batch_window_s=config.seconds("payment.batch-window"),
+            priority_fee_wei=int(Decimal(str(config.get("payment.priority-fee-gwei"))) * _GWEI),
+            max_fee_wei=int(Decimal(str(config.get("payment.max-fee-gwei"))) * _GWEI),
+            replace_after_s=config.seconds("payment.replace-after"),
+            expected_chain_id=None if chain_id is None else int(chain_id),
+            on_step=on_step,
+        )
 
     @classmethod
     def embedded(
@@ -342,6 +405,9 @@ class EthereumPayer(Payer):
 
         with self._chain_lock:
             chain_id = int(w3.eth.chain_id)
+            if self._expected_chain_id is not None and chain_id != self._expected_chain_id:
+                raise ConfigError(f"the node at the RPC URL is chain {chain_id}, not golem.payment.chain-id="
+                                  f"{self._expected_chain_id}; check which network you point at")
             if not w3.eth.get_code(token_address):
                 raise PaymentError(
                     f"no contract at token address {token_address} on chain {chain_id}; "
@@ -421,13 +487,14 @@ class EthereumPayer(Payer):
         """
         payee = self._checksum(payee, "payee")
         wei = self._amount_wei(amount)
-        await self._ensure_started()
+        # The debt is written first, even if the chain is unreachable right now.
         debt = await asyncio.to_thread(
             self.ledger.add_debt, reference, reference, self.address, payee, wei, self.platform
         )
         if debt.payee != payee or debt.amount_wei != wei:
             raise PaymentError(f"invoice {reference} is already owed with other terms ({debt.payee}, {debt.amount})")
         self._checkpoint("debt")
+        await self._ensure_started()
         await self.settle()
         debt = await asyncio.to_thread(self.ledger.debt, debt.id)
         if debt.status != PAID or debt.payment_id is None:

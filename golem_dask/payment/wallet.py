@@ -177,6 +177,38 @@ class Wallet:
                 f"environment variable {var_name} does not hold a valid private key: {e}"
             ) from None
 
+    @classmethod
+    def from_keystore(cls, path: str | os.PathLike[str], password_env: str,
+                      *, environ: Mapping[str, str] | None = None) -> Wallet:
+        """Decrypt an Ethereum keystore file (JSON, as geth or ``eth-account`` write it).
+
+        The password comes from the environment variable ``password_env``, never from
+        an argument that would show in a shell history or a process list.
+
+        Raises
+        ------
+        ConfigError
+            If the file is missing or malformed, the variable unset, or the password
+            wrong; the message never includes the password or the key.
+        """
+        env = os.environ if environ is None else environ
+        password = env.get(password_env)
+        if password is None:
+            raise ConfigError(f"environment variable {password_env} (the keystore password) is not set")
+        try:
+            with open(path) as f:
+                keystore = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read keystore {path}: {e.strerror}") from None
+        from eth_account import Account
+
+        try:
+            key = Account.decrypt(keystore, password)
+        except Exception:
+            raise ConfigError(f"cannot decrypt keystore {path}: wrong password in {password_env} "
+                              "or not a keystore file") from None
+        return cls(bytes(key))
+
     # --- public API ---------------------------------------------------------------
 
     @property
