@@ -206,3 +206,41 @@ def test_chain_outage_at_close_keeps_the_debt_and_pay_settles_it_once(anvil, tmp
     listing = subprocess.run([sys.executable, "-m", "golem_dask.cli", "ledger", "--json"],
                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0 and '"status": "paid"' in listing.stdout
+
+
+def test_stuck_transaction_is_replaced_with_the_same_nonce(anvil, tmp_path):
+    import threading
+
+    from golem_dask.payment.ethereum import EthereumPayer
+
+    key, requestor = funded_requestor(anvil)
+    payee = Wallet.generate().address
+    w3 = anvil.web3()
+    w3.provider.make_request("evm_setAutomine", [False])
+    payer = EthereumPayer(anvil.web3(), wallet=Wallet.from_key(key), token_address=anvil.contracts["token"],
+                          ledger=Ledger(tmp_path / "ledger.sqlite"), replace_after_s=1.0, poll_interval=0.1,
+                          receipt_timeout=60, batch_window_s=0)
+
+    def mine_after_replacement() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            payments = payer.ledger.payments()
+            if payments and len(payments[0].tx_hashes) >= 2:
+                break
+            time.sleep(0.1)
+        w3.provider.make_request("evm_mine", [])
+
+    miner = threading.Thread(target=mine_after_replacement)
+    miner.start()
+    transfer = asyncio.run(payer.pay(payee, Decimal("0.75"), reference="stuck"))
+    miner.join()
+    (payment,) = payer.ledger.payments()
+    assert len(payment.tx_hashes) >= 2, "the ledger keeps the stuck and the replacing hash"
+    assert transfer.tx_hash == payment.confirmed_hash == payment.tx_hashes[-1]
+    assert balance(anvil, payee) == Decimal("0.75")
+    assert w3.eth.get_transaction_count(requestor) == payment.nonce + 1
+    from web3.exceptions import TransactionNotFound
+
+    assert w3.eth.get_transaction(payment.tx_hashes[-1])["nonce"] == payment.nonce
+    with pytest.raises(TransactionNotFound):  # the node dropped the replaced one
+        w3.eth.get_transaction(payment.tx_hashes[0])
