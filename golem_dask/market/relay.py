@@ -1,0 +1,200 @@
+"""What every market backend that talks to provider agents has in common.
+
+A requestor's counter-proposal, agreement, activity and payment calls all end up as a
+call of one :class:`~golem_dask.provider.agent.ProviderAgent` method on the provider's
+side (``on_proposal``, ``approve``, ``exec``, ...), and what providers send back (activity
+states, debit notes, invoices) arrives as pushed messages.  :class:`RelayMarket` keeps the
+requestor's bookkeeping (proposals, agreements, which provider runs which activity, event
+queues) and leaves to subclasses how offers arrive and how a call reaches a provider:
+in-process for the embedded market, over TCP through a hub for the networked one.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from golem_dask.errors import ActivityError, MarketError
+from golem_dask.market.base import Market, PaymentDocument
+from golem_dask.protocol import properties as P
+from golem_dask.protocol.messages import (
+    Activity,
+    ActivityState,
+    Agreement,
+    DebitNote,
+    Demand,
+    ExeCommand,
+    Invoice,
+    Issuer,
+    Payment,
+    Proposal,
+    new_id,
+)
+
+T = TypeVar("T")
+FINAL_STATES = {ActivityState.TERMINATED, ActivityState.FAILED}
+
+#: The provider agent methods a requestor may call, and nothing else.
+PROVIDER_METHODS = frozenset({
+    "on_proposal", "approve", "terminate", "create_activity", "exec", "destroy_activity",
+    "on_accepted", "on_rejected", "on_payment",
+})
+
+
+async def drain(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """Items of ``queue`` until a ``None`` ends it."""
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+class RelayMarket(Market):
+    """A market whose providers are reached through :meth:`_call`."""
+
+    def __init__(self) -> None:
+        self._proposals: dict[str, Proposal] = {}
+        self._agreements: dict[str, Agreement] = {}
+        self._activity_provider: dict[str, str] = {}
+        self._activity_history: dict[str, list[Activity]] = {}
+        self._activity_queues: dict[str, list[asyncio.Queue[Activity | None]]] = {}
+        self._payments: asyncio.Queue[PaymentDocument | None] = asyncio.Queue()
+        self._closed = False
+
+    @abc.abstractmethod
+    async def _call(self, provider_id: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """Call ``method`` of the provider agent ``provider_id`` with ``args``."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MarketError(f"{type(self).__name__} is closed")
+
+    def _end_streams(self) -> None:
+        for queues in self._activity_queues.values():
+            for q in queues:
+                q.put_nowait(None)
+        self._payments.put_nowait(None)
+
+    def _remember_offer_proposal(self, proposal: Proposal) -> None:
+        self._proposals[proposal.id] = proposal
+
+    def _deliver(self, message: Activity | DebitNote | Invoice) -> None:
+        """A message a provider pushed: an activity state or a payment document."""
+        if isinstance(message, Activity):
+            self._activity_history.setdefault(message.id, []).append(message)
+            for q in self._activity_queues.get(message.id, []):
+                q.put_nowait(message)
+                if message.state in FINAL_STATES:
+                    q.put_nowait(None)
+        elif isinstance(message, DebitNote | Invoice):
+            self._payments.put_nowait(message)
+
+    # -- negotiation ----------------------------------------------------------------------
+
+    async def counter(self, subscription_id: str, proposal_id: str, demand: Demand) -> Proposal:
+        self._check_open()
+        theirs = self._proposals.get(proposal_id)
+        if theirs is None or theirs.issuer is not Issuer.PROVIDER:
+            raise MarketError(f"no provider proposal {proposal_id}")
+        ours = Proposal(
+            issuer=Issuer.REQUESTOR,
+            properties=demand.properties,
+            constraints=demand.constraints,
+            offer_id=theirs.offer_id,
+            demand_id=demand.id,
+            provider_id=theirs.provider_id,
+            prev_proposal_id=proposal_id,
+        )
+        self._proposals[ours.id] = ours
+        reply = await self._call(theirs.provider_id, "on_proposal", ours)
+        if not isinstance(reply, Proposal) or reply.provider_id != theirs.provider_id or reply.prev_proposal_id != ours.id:
+            raise MarketError(f"provider {theirs.provider_id} answered with something that is not its reply")
+        self._proposals[reply.id] = reply
+        return reply
+
+    async def create_agreement(self, proposal_id: str, valid_to_ms: int) -> Agreement:
+        self._check_open()
+        theirs = self._proposals.get(proposal_id)
+        ours = self._proposals.get(theirs.prev_proposal_id or "") if theirs else None
+        if theirs is None or ours is None or theirs.issuer is not Issuer.PROVIDER:
+            raise MarketError(f"proposal {proposal_id} is not a provider's reply to our counter-proposal")
+        platform = ours.properties.get(P.CHOSEN_PLATFORM, "")
+        agreement = Agreement(
+            id=new_id(),
+            demand=ours,
+            offer=theirs,
+            requestor_id=str(ours.properties.get(P.payment_address(platform), "")),
+            provider_id=theirs.provider_id,
+            valid_to_ms=valid_to_ms,
+        )
+        self._agreements[agreement.id] = agreement
+        return agreement
+
+    def _agreement(self, agreement_id: str) -> Agreement:
+        agreement = self._agreements.get(agreement_id)
+        if agreement is None:
+            raise MarketError(f"no agreement {agreement_id}")
+        return agreement
+
+    async def confirm_agreement(self, agreement_id: str, timeout_s: float) -> Agreement:
+        agreement = self._agreement(agreement_id)
+        approved = await self._call(agreement.provider_id, "approve", agreement, timeout_s=timeout_s)
+        if not isinstance(approved, Agreement) or approved.id != agreement.id:
+            raise MarketError(f"provider {agreement.provider_id} approved something else than {agreement_id}")
+        self._agreements[agreement_id] = approved
+        return approved
+
+    async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
+        agreement = self._agreement(agreement_id)
+        await self._call(agreement.provider_id, "terminate", agreement_id, reason)
+
+    # -- activity ---------------------------------------------------------------------
+
+    async def create_activity(self, agreement_id: str) -> Activity:
+        self._check_open()
+        agreement = self._agreement(agreement_id)
+        activity = await self._call(agreement.provider_id, "create_activity", agreement_id)
+        if not isinstance(activity, Activity) or activity.agreement_id != agreement_id:
+            raise MarketError(f"provider {agreement.provider_id} created no activity for {agreement_id}")
+        self._activity_provider[activity.id] = agreement.provider_id
+        return activity
+
+    def _activity(self, activity_id: str) -> str:
+        provider = self._activity_provider.get(activity_id)
+        if provider is None:
+            raise ActivityError(f"no activity {activity_id}")
+        return provider
+
+    async def exec(self, activity_id: str, commands: Sequence[ExeCommand], timeout_s: float) -> list[str]:
+        provider = self._activity(activity_id)
+        try:
+            return list(await self._call(provider, "exec", activity_id, list(commands), timeout_s=timeout_s))
+        except asyncio.TimeoutError as e:
+            raise ActivityError(f"exe-script on activity {activity_id} took longer than {timeout_s}s") from e
+
+    def activity_events(self, activity_id: str) -> AsyncIterator[Activity]:
+        q: asyncio.Queue[Activity | None] = asyncio.Queue()
+        for event in self._activity_history.get(activity_id, []):
+            q.put_nowait(event)
+            if event.state in FINAL_STATES:
+                q.put_nowait(None)
+        self._activity_queues.setdefault(activity_id, []).append(q)
+        return drain(q)
+
+    async def destroy_activity(self, activity_id: str) -> None:
+        await self._call(self._activity(activity_id), "destroy_activity", activity_id)
+
+    # -- payment ----------------------------------------------------------------------
+
+    def payment_events(self) -> AsyncIterator[PaymentDocument]:
+        return drain(self._payments)
+
+    async def accept(self, document: PaymentDocument, amount: Decimal) -> None:
+        await self._call(document.issuer_id, "on_accepted", document.id, amount)
+
+    async def reject(self, document: PaymentDocument, reason: str) -> None:
+        await self._call(document.issuer_id, "on_rejected", document.id, reason)
+
+    async def notify_payment(self, payment: Payment) -> None:
+        await self._call(payment.payee_addr, "on_payment", payment)
