@@ -57,6 +57,7 @@ class RelayMarket(Market):
         self._proposals: dict[str, Proposal] = {}
         self._agreements: dict[str, Agreement] = {}
         self._activity_provider: dict[str, str] = {}
+        self._activity_agreement: dict[str, str] = {}
         self._activity_history: dict[str, list[Activity]] = {}
         self._activity_queues: dict[str, list[asyncio.Queue[Activity | None]]] = {}
         self._payments: asyncio.Queue[PaymentDocument | None] = asyncio.Queue()
@@ -158,6 +159,7 @@ class RelayMarket(Market):
         if not isinstance(activity, Activity) or activity.agreement_id != agreement_id:
             raise MarketError(f"provider {agreement.provider_id} created no activity for {agreement_id}")
         self._activity_provider[activity.id] = agreement.provider_id
+        self._activity_agreement[activity.id] = agreement_id
         return activity
 
     def _activity(self, activity_id: str) -> str:

@@ -292,6 +292,11 @@ class EthereumPayer(Payer):
         return self._wallet.address
 
     @property
+    def wallet(self) -> Wallet:
+        """The requestor's wallet (it signs market messages too; it never shows its key)."""
+        return self._wallet
+
+    @property
     def w3(self) -> Web3:
         """The ``web3.Web3`` this payer uses; starts the chain synchronously if needed.
 

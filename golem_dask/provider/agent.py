@@ -127,6 +127,15 @@ class ProviderAgent:
 
     # -- offers ---------------------------------------------------------------------
 
+    def agreement_of(self, activity_id: str) -> Agreement | None:
+        """The agreement an activity belongs to (None if unknown)."""
+        deal = self._activities.get(activity_id)
+        return deal.agreement if deal is not None else None
+
+    def agreement(self, agreement_id: str) -> Agreement | None:
+        deal = self._deals.get(agreement_id)
+        return deal.agreement if deal is not None else None
+
     @property
     def live_agreements(self) -> list[str]:
         """Ids of the agreements this agent still holds."""
