@@ -83,6 +83,68 @@ def pay() -> int:
     return 1 if left else 0
 
 
+def hub(listen: str) -> int:
+    """Run a hub until interrupted."""
+    import asyncio
+    import logging
+
+    from golem_dask.market.hub import HubServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, _, port = listen.rpartition(":")
+    server = HubServer(host or "127.0.0.1", int(port))
+
+    async def run() -> None:
+        await server.start()
+        print(f"hub listening on {server.url}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def provider(args: argparse.Namespace) -> int:
+    """Run a provider daemon until interrupted."""
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from golem_dask import config
+    from golem_dask.cluster import local_providers
+    from golem_dask.errors import GolemDaskError
+    from golem_dask.payment.wallet import Wallet
+    from golem_dask.provider.agent import ProviderAgent
+    from golem_dask.provider.daemon import PaymentCheck, ProviderDaemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if args.key_file:
+            wallet = Wallet.from_key(Path(args.key_file).read_text().strip())
+        else:
+            wallet = Wallet.from_env(args.key_env)
+        entry = {"name": args.name, "cpu": args.cpu, "memory": args.memory, "storage": args.storage,
+                 "runtime": args.runtime, "price-per-cpu-hour": args.price_per_cpu_hour,
+                 "price-per-hour": args.price_per_hour, "start-price": args.start_price}
+        (template,) = local_providers(config.get("payment.platform"), [entry], runtime=args.runtime)
+        agent = ProviderAgent(template.settings, template.runtime, wallet.address)
+        rpc = args.rpc_url or config.get("payment.rpc-url")
+        token = config.address("payment.token-address", args.token_address)
+        check = PaymentCheck(rpc, str(token)) if rpc and token else None
+        daemon = ProviderDaemon(agent, wallet, args.hub, check)
+    except (GolemDaskError, OSError) as e:
+        print(f"golem-dask provider: {e}", file=sys.stderr)
+        return 1
+    print(f"provider {args.name} at {wallet.address}", flush=True)
+    try:
+        asyncio.run(daemon.run_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="golem-dask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +163,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     led.add_argument("--json", action="store_true", help="print JSON instead of a table")
     led.add_argument("--path", help="ledger file (default: <golem.payment.data-dir>/ledger.sqlite)")
     sub.add_parser("pay", help="reconcile with the chain and pay every debt still owed (golem.payment.* config)")
+    h = sub.add_parser("hub", help="run a market hub")
+    h.add_argument("--listen", default="127.0.0.1:7465", help="HOST:PORT (default 127.0.0.1:7465)")
+    pr = sub.add_parser("provider", help="sell this machine through a hub")
+    pr.add_argument("--hub", required=True, help="tcp://HOST:PORT")
+    pr.add_argument("--name", default="provider")
+    pr.add_argument("--cpu", type=int, help="threads to sell (default: all cores)")
+    pr.add_argument("--memory", help="memory to sell, e.g. 8GiB (default: 80%% of this machine)")
+    pr.add_argument("--storage", default="10GiB")
+    pr.add_argument("--runtime", default="process", choices=["process", "docker"])
+    pr.add_argument("--price-per-cpu-hour", default="0.1")
+    pr.add_argument("--price-per-hour", default="0.02")
+    pr.add_argument("--start-price", default="0")
+    pr.add_argument("--key-env", default="GOLEM_DASK_PROVIDER_KEY",
+                    help="environment variable holding the wallet key (never pass a key as an argument)")
+    pr.add_argument("--key-file", help="file holding the wallet key (hex)")
+    pr.add_argument("--rpc-url", help="chain to verify payments on (default: golem.payment.rpc-url)")
+    pr.add_argument("--token-address", help="token to verify payments in (default: golem.payment.token-address)")
     args = parser.parse_args(argv)
+    if args.command == "hub":
+        return hub(args.listen)
+    if args.command == "provider":
+        return provider(args)
     if args.command == "ledger":
         return ledger(args.path, args.json)
     if args.command == "pay":

@@ -319,9 +319,16 @@ class GolemCluster(SpecCluster):
 
             return LocalMarket(local_providers(self.spec.platform, runtime=self.runtime or "process",
                                               image=self.spec.image))
+        if isinstance(backend, str) and backend.startswith("tcp://"):
+            from golem_dask.market.hub import HubMarket
+
+            wallet = getattr(self.payer, "wallet", None)
+            if wallet is None:
+                raise ConfigError("a hub market needs a payer with a wallet to sign messages (EthereumPayer)")
+            return HubMarket(backend, wallet)
         raise ConfigError(
-            f"market={backend!r} is not available in this version; use market='local' "
-            "(the embedded market) or pass a Market object"
+            f"market={backend!r} is not available; use market='local' (the embedded market), "
+            "'tcp://HOST:PORT' (a golem-dask hub) or pass a Market object"
         )
 
     def _pick_runtime(self, runtime: str | None, image: str | None, embedded: bool) -> str:
@@ -434,8 +441,10 @@ class GolemCluster(SpecCluster):
 
     def _worker_lost(self, name: str, reason: str) -> None:
         """A running worker's activity died: pay what it ran, start a replacement."""
+        if name not in self.worker_spec or self.status != Status.running:
+            return  # retired on purpose (scale-down, close): nothing was lost
         worker = self.workers.pop(name, None)
-        if worker is None or self.status != Status.running:
+        if worker is None:
             return
         lines = [line for line in reason.splitlines() if line.strip()] or ["unknown reason"]
         last = f" (last log line: {lines[-1].strip()})" if len(lines) > 1 else ""

@@ -75,6 +75,20 @@ def to_decimal(value: Any, what: str) -> Decimal | None:
     return result
 
 
+def address(key: str, override: Any = None) -> str | None:
+    """An Ethereum address from config.
+
+    ``DASK_GOLEM__...`` environment variables are parsed as Python literals, which turns
+    ``0x5FbD...`` into an int; this turns it back.
+    """
+    value = get(key, override)
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"0x{value:040x}"
+    return str(value)
+
+
 def byte_size(value: Any, what: str) -> int:
     """Parse ``"4GiB"`` / ``4e9`` / ``4294967296`` into bytes."""
     try:

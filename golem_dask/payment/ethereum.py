@@ -52,15 +52,6 @@ _BATCH_MAX = 256
 _GWEI = 10**9
 
 
-def _config_address(value: Any) -> str | None:
-    """An address from config; DASK_GOLEM__... env vars turn ``0x...`` into an int."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"0x{value:040x}"
-    return str(value)
-
-
 @dataclass(slots=True)
 class _LoopLocks:
     # asyncio locks belong to one event loop; a payer used from two loops (a test
@@ -202,7 +193,7 @@ class EthereumPayer(Payer):
         if not url:
             raise ConfigError("golem.payment.rpc-url is not set; set it (or DASK_GOLEM__PAYMENT__RPC_URL) to the "
                               "chain's JSON-RPC URL, or leave it unset for the embedded devnet")
-        token = _config_address(config.get("payment.token-address"))
+        token = config.address("payment.token-address")
         if not token:
             raise ConfigError("golem.payment.token-address is not set: the ERC-20 token to pay with")
         keystore = config.get("payment.keystore")
@@ -219,7 +210,7 @@ class EthereumPayer(Payer):
             w3,
             wallet=wallet,
             token_address=token,
-            batch_address=_config_address(config.get("payment.batch-address")),
+            batch_address=config.address("payment.batch-address"),
             platform=platform or config.get("payment.platform"),
             receipt_timeout=timeout,
             ledger=Ledger(os.path.join(os.path.expanduser(config.get("payment.data-dir")), "ledger.sqlite")),

@@ -1,0 +1,233 @@
+"""``golem-dask provider``: a provider agent selling this machine through a hub.
+
+The daemon connects its :class:`~golem_dask.provider.agent.ProviderAgent` to a hub, answers
+requestors' calls (only the agent's negotiation, activity and payment methods, and only
+about the caller's own agreements), pushes activity states, debit notes and invoices back,
+re-publishes its offer before it expires, reconnects when the hub restarts, and checks on
+chain that every payment announced to it really arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from decimal import Decimal
+from typing import Any
+
+from golem_dask import config
+from golem_dask.errors import GolemDaskError, MarketError, NetworkError, PaymentError
+from golem_dask.market.hub import REMOTE_ERRORS, HubLink
+from golem_dask.market.relay import PROVIDER_METHODS
+from golem_dask.payment.base import from_wei
+from golem_dask.protocol import wire
+from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice, Offer, Payment
+from golem_dask.provider.agent import ProviderAgent
+
+logger = logging.getLogger(__name__)
+
+
+class PaymentCheck:
+    """Verifies on chain that a payment's transaction moved the tokens to us.
+
+    Parameters
+    ----------
+    rpc_url, token_address:
+        The chain and the ERC-20 token the requestor pays with.
+    """
+
+    def __init__(self, rpc_url: str, token_address: str) -> None:
+        self.rpc_url = rpc_url
+        self.token_address = token_address
+        self._token: Any = None
+
+    def _contract(self) -> Any:
+        if self._token is None:
+            from web3 import HTTPProvider, Web3
+
+            from golem_dask.payment.contracts import load_artifact
+
+            w3 = Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
+            self._token = w3.eth.contract(address=Web3.to_checksum_address(self.token_address),
+                                          abi=load_artifact("GolemDaskToken")["abi"])
+        return self._token
+
+    def verify(self, payment: Payment, payee: str) -> Decimal:
+        """The amount the transaction moved from the payer to ``payee``; raises if short."""
+        from web3.logs import DISCARD
+
+        token = self._contract()
+        try:
+            receipt = token.w3.eth.get_transaction_receipt(payment.tx_hash)
+        except Exception as e:
+            raise PaymentError(f"transaction {payment.tx_hash} not found on chain: {e}") from e
+        if receipt["status"] != 1:
+            raise PaymentError(f"transaction {payment.tx_hash} reverted")
+        moved = sum(
+            (int(ev["args"]["value"]) for ev in token.events.Transfer().process_receipt(receipt, errors=DISCARD)
+             if ev["address"] == token.address and ev["args"]["receiver"] == payee
+             and ev["args"]["sender"] == payment.payer_addr),
+            0,
+        )
+        amount = from_wei(moved)
+        if amount < payment.amount:
+            raise PaymentError(f"transaction {payment.tx_hash} moved {amount} to us, not {payment.amount}")
+        return amount
+
+
+class ProviderDaemon:
+    """Runs one agent on a hub.
+
+    Parameters
+    ----------
+    agent:
+        The agent (capacity, prices, runtime).
+    wallet:
+        The provider's wallet; its address is the agent's id and payment address.
+    hub_url:
+        ``tcp://HOST:PORT``.
+    payment_check:
+        Verifies announced payments on chain (optional).
+    """
+
+    def __init__(self, agent: ProviderAgent, wallet: Any, hub_url: str, payment_check: PaymentCheck | None = None) -> None:
+        if agent.id != wallet.address:
+            raise MarketError("the agent's id must be its wallet's address")
+        self.agent = agent
+        self.link = HubLink(hub_url, wallet, "provider", self._on_message, self._on_connect)
+        self.payment_check = payment_check
+        self.verified: list[tuple[str, Decimal]] = []
+        self._outbox: collections.deque[tuple[str, Any]] = collections.deque(maxlen=10_000)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._requestors: dict[str, str] = {}  # agreement id -> requestor address
+
+    # -- the agent's link to its market ------------------------------------------------
+
+    async def publish(self, offer: Offer) -> None:
+        with contextlib.suppress(NetworkError):  # re-published on reconnect anyway
+            await self.link.send("publish", offer)
+
+    async def withdraw(self, offer_id: str) -> None:
+        with contextlib.suppress(NetworkError):
+            await self.link.send("withdraw", {"offer_id": offer_id})
+
+    async def send(self, message: Activity | DebitNote | Invoice) -> None:
+        requestor = self._requestors.get(message.agreement_id)
+        if requestor is None:
+            return
+        payload = {"to": requestor, "message": message}
+        try:
+            await self.link.send("push", payload)
+        except NetworkError:
+            # The hub is away: keep it for when it is back (an invoice must not be lost).
+            self._outbox.append(("push", payload))
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.link.start(config.seconds("hub.connect-timeout"))
+        await self.agent.connect(self)
+        self._spawn(self._refresh(), "provider-refresh")
+        logger.info("provider %s selling %s on %s", self.agent.settings.name, self.agent.settings.capacity, self.link.url)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.agent.close()
+        await self.link.close()
+
+    async def run_forever(self) -> None:
+        """Serve until SIGINT or SIGTERM, then end every agreement cleanly."""
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_connect(self) -> None:
+        if self.agent.offer is not None:
+            await self.link.send("publish", self.agent.offer)
+        while self._outbox:
+            kind, payload = self._outbox[0]
+            await self.link.send(kind, payload)
+            self._outbox.popleft()
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(config.seconds("hub.offer-refresh"))
+            if self.agent.offer is not None:
+                await self.publish(self.agent.offer)
+
+    # -- requestors' calls ----------------------------------------------------------------
+
+    async def _on_message(self, envelope: wire.Envelope, payload: Any) -> None:
+        if envelope.kind == "call" and isinstance(payload, dict):
+            # Calls may take long (an exe-script): never block the link's reader.
+            self._spawn(self._answer(envelope.sender, payload), f"call-{payload.get('method')}")
+        elif envelope.kind == "error":
+            logger.warning("hub: %s", payload.get("reason") if isinstance(payload, dict) else payload)
+
+    def _check_caller(self, caller: str, method: str, args: list[Any]) -> None:
+        agent = self.agent
+        if method == "approve":
+            agreement = args[0]
+            if not isinstance(agreement, Agreement) or agreement.requestor_id != caller:
+                raise MarketError("an agreement can only be signed by its requestor")
+            return
+        if method in ("terminate", "create_activity"):
+            owner = self._requestors.get(str(args[0]))
+        elif method in ("exec", "destroy_activity"):
+            agreement = agent.agreement_of(str(args[0]))
+            owner = self._requestors.get(agreement.id) if agreement else None
+        elif method == "on_payment":
+            owner = args[0].payer_addr if isinstance(args[0], Payment) else None
+        else:
+            return  # on_proposal, on_accepted, on_rejected concern nothing of anyone else
+        if owner != caller:
+            raise MarketError(f"{method} refused: that is not {caller}'s agreement")
+
+    async def _answer(self, caller: str, payload: dict[str, Any]) -> None:
+        method, args = str(payload.get("method")), list(payload.get("args") or [])
+        reply: dict[str, Any] = {"to": caller, "call_id": payload.get("call_id")}
+        try:
+            if method not in PROVIDER_METHODS:
+                raise MarketError(f"unknown call {method!r}")
+            self._check_caller(caller, method, args)
+            value = await getattr(self.agent, method)(*args)
+            if method == "approve":
+                self._requestors[value.id] = caller
+            if method == "on_payment":
+                self._spawn(self._verify_payment(args[0]), "verify-payment")
+            reply.update(ok=True, value=value)
+        except (GolemDaskError, TypeError, ValueError, KeyError) as e:
+            kind = next((name for name, cls in REMOTE_ERRORS.items() if isinstance(e, cls)), "MarketError")
+            reply.update(ok=False, error=str(e), error_type=kind)
+        with contextlib.suppress(NetworkError):
+            await self.link.send("reply", reply)
+
+    async def _verify_payment(self, payment: Payment) -> None:
+        if self.payment_check is None:
+            return
+        try:
+            amount = await asyncio.to_thread(self.payment_check.verify, payment, self.agent.id)
+        except Exception as e:  # a chain hiccup must not kill the daemon
+            logger.error("payment NOT verified: %s (invoices %s)", e, ", ".join(payment.invoice_ids))
+            return
+        self.verified.append((payment.tx_hash, amount))
+        # Printed, not only logged: the operator (and the tests) read this line.
+        print(f"payment verified: {amount} GLM in {payment.tx_hash} for invoices {', '.join(payment.invoice_ids)}",
+              flush=True)
