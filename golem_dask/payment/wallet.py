@@ -275,12 +275,15 @@ class Wallet:
         >>> len(sig)
         65
         """
-        from eth_account import Account
+        from eth_keys import keys
 
         if not isinstance(message_hash, bytes | bytearray) or len(message_hash) != 32:
             raise ValueError("message_hash must be exactly 32 bytes")
-        signed = Account.unsafe_sign_hash(bytes(message_hash), self.__key)
-        return bytes(signed.signature)
+        # eth_keys signs through coincurve (libsecp256k1) when it is installed: a hub
+        # checks thousands of signed offers, and providers sign every reply.
+        signature = keys.PrivateKey(self.__key).sign_msg_hash(bytes(message_hash))
+        r, s, v = signature.r, signature.s, signature.v
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
 
     # --- leak prevention ----------------------------------------------------------
 
