@@ -34,10 +34,11 @@ def build_module() -> Any:
     return build
 
 
-def test_recompiling_the_source_gives_the_shipped_artefact(build_module: Any) -> None:
-    source = build_module.CONTRACTS_DIR / f"{TOKEN}.vy"
+@pytest.mark.parametrize("name", [TOKEN, "GolemDaskBatch"])
+def test_recompiling_the_source_gives_the_shipped_artefact(build_module: Any, name: str) -> None:
+    source = build_module.CONTRACTS_DIR / f"{name}.vy"
     fresh = build_module.compile_contract(source)
-    shipped = load_artifact(TOKEN)
+    shipped = load_artifact(name)
     assert fresh["bytecode"] == shipped["bytecode"]
     assert fresh["abi"] == shipped["abi"]
     assert fresh == shipped

@@ -52,6 +52,21 @@ _BATCH_MAX = 256
 _GWEI = 10**9
 
 
+def pack_payment(debt: Debt) -> int:
+    """One batch-contract word: ``amount << 160 | payee``.
+
+    Examples
+    --------
+    >>> from golem_dask.payment.ledger import Debt
+    >>> d = Debt("d", "i", "a", "0x" + "11" * 20, "0x" + "00" * 19 + "02", 5, "p", "owed", None, 0)
+    >>> hex(pack_payment(d))
+    '0x50000000000000000000000000000000000000002'
+    """
+    if debt.amount_wei >= 1 << 96:
+        raise PaymentError(f"{debt.amount} tokens is too much for one batch entry; pay it on its own")
+    return (debt.amount_wei << 160) | int(debt.payee, 16)
+
+
 @dataclass(slots=True)
 class _LoopLocks:
     # asyncio locks belong to one event loop; a payer used from two loops (a test
@@ -553,8 +568,7 @@ class EthereumPayer(Payer):
             return self._submit("transfer", group, call, what)
         assert self._batch is not None
         self._ensure_allowance(sum(d.amount_wei for d in group))
-        call = self._batch.functions.batchTransferFrom(
-            self._token_address, [d.payee for d in group], [d.amount_wei for d in group])
+        call = self._batch.functions.batchTransferFrom(self._token_address, [pack_payment(d) for d in group])
         total = from_wei(sum(d.amount_wei for d in group))
         what = f"batch payment of {total} tokens to {len(group)} payees (references {', '.join(d.invoice_id for d in group)})"
         return self._submit("batch", group, call, what)

@@ -59,8 +59,10 @@ def _transfer(sender: address, receiver: address, amount: uint256):
     assert receiver != empty(address), "transfer to the zero address"
     # Vyper reverts on uint256 underflow, but an explicit check gives a
     # readable revert reason to the payer.
-    assert self.balanceOf[sender] >= amount, "insufficient balance"
-    self.balanceOf[sender] -= amount
+    balance: uint256 = self.balanceOf[sender]
+    assert balance >= amount, "insufficient balance"
+    # Checked just above: one storage read instead of two, no second overflow check.
+    self.balanceOf[sender] = unsafe_sub(balance, amount)
     self.balanceOf[receiver] += amount
     log Transfer(sender=sender, receiver=receiver, value=amount)
 

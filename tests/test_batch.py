@@ -1,0 +1,72 @@
+"""Batch payments: one transaction pays many providers, for much less gas per payee."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+
+from anvil_support import anvil  # noqa: F401
+from golem_dask.payment.ethereum import EthereumPayer
+from golem_dask.payment.ledger import Ledger
+from golem_dask.payment.node import fund
+from golem_dask.payment.wallet import Wallet
+
+
+def payer(node, tmp_path, batch: bool) -> EthereumPayer:
+    wallet = Wallet.generate()
+    fund(node.web3(), node.contracts["token"], node.accounts[0], wallet.address, Decimal(1000), 10**19)
+    return EthereumPayer(node.web3(), wallet=wallet, token_address=node.contracts["token"],
+                         batch_address=node.contracts["batch"] if batch else None,
+                         ledger=Ledger(tmp_path / f"ledger-{wallet.address}.sqlite"), batch_window_s=0.05,
+                         poll_interval=0.05)
+
+
+def pay_all(p: EthereumPayer, n: int, amount: Decimal = Decimal("0.01")) -> tuple[list[str], float]:
+    payees = [Wallet.generate().address for _ in range(n)]
+
+    async def run() -> None:
+        await asyncio.gather(*(p.pay(a, amount, reference=f"{p.address}-{i}") for i, a in enumerate(payees)))
+
+    started = time.perf_counter()
+    asyncio.run(run())
+    return payees, time.perf_counter() - started
+
+
+def gas_used(node, p: EthereumPayer, kinds: set[str]) -> int:
+    w3 = node.web3()
+    return sum(w3.eth.get_transaction_receipt(r.confirmed_hash)["gasUsed"]
+               for r in p.ledger.payments() if r.kind in kinds)
+
+
+def test_batch_pays_exact_amounts_in_one_transaction(anvil, tmp_path):
+    p = payer(anvil, tmp_path, batch=True)
+    payees, _ = pay_all(p, 5, Decimal("0.25"))
+    for a in payees:
+        assert asyncio.run(p.balance(a)) == Decimal("0.25")
+    kinds = [r.kind for r in p.ledger.payments()]
+    assert kinds == ["approve", "batch"]
+    (batch,) = [r for r in p.ledger.payments() if r.kind == "batch"]
+    assert len(batch.debt_ids) == 5  # the ledger records which debts it settled
+
+
+def test_without_a_batch_contract_it_pays_one_by_one(anvil, tmp_path):
+    p = payer(anvil, tmp_path, batch=False)
+    payees, _ = pay_all(p, 3)
+    assert [r.kind for r in p.ledger.payments()] == ["transfer"] * 3
+    assert all(asyncio.run(p.balance(a)) == Decimal("0.01") for a in payees)
+
+
+@pytest.mark.parametrize("n", [10, 50])
+def test_batch_gas_per_payee_is_about_half_of_single_transfers(anvil, tmp_path, n):
+    single = payer(anvil, tmp_path, batch=False)
+    pay_all(single, n)
+    batched = payer(anvil, tmp_path, batch=True)
+    pay_all(batched, n)
+    per_single = gas_used(anvil, single, {"transfer"}) / n
+    per_batch = gas_used(anvil, batched, {"batch"}) / n
+    ratio = per_batch / per_single
+    print(f"n={n}: single {per_single:.0f} gas/payee, batch {per_batch:.0f} gas/payee, ratio {ratio:.3f}")
+    assert ratio <= (0.52 if n >= 50 else 0.62)
