@@ -266,9 +266,19 @@ class HubServer:
             if not isinstance(demand, Demand):
                 raise ProtocolError("subscribe needs a Demand")
             self._subs[(peer.address, sub_id)] = demand
+            # Matching offers go out in as few notices as fit in a frame: the hub signs
+            # each notice, and a thousand signatures would cost more than the matching.
+            batch: list[bytes] = []
+            size = 0
             for stored in list(self._offers.values()):
                 if matches(demand, stored.offer):
-                    await peer.send(self._notice("event", {"sub": sub_id, "offer": stored.frame}))
+                    if batch and size + len(stored.frame) > self.max_frame // 2:
+                        await peer.send(self._notice("event", {"sub": sub_id, "offers": batch}))
+                        batch, size = [], 0
+                    batch.append(stored.frame)
+                    size += len(stored.frame) + 8
+            if batch:
+                await peer.send(self._notice("event", {"sub": sub_id, "offers": batch}))
         elif kind == "unsubscribe":
             self._subs.pop((peer.address, str(payload["sub"])), None)
         elif kind == "scan":
@@ -508,13 +518,15 @@ class HubMarket(RelayMarket):
                 sent.discard(offer_id)
                 queue.put_nowait(OfferWithdrawn(offer_id))
             return
-        offer = self._offer_from_frame(payload["offer"])
-        if offer is None or offer.id in sent or not matches(demand, offer):
-            return
-        sent.add(offer.id)
-        proposal = offer_proposal(offer, demand)
-        self._remember_offer_proposal(proposal)
-        queue.put_nowait(OfferReceived(proposal))
+        frames = payload["offers"] if "offers" in payload else [payload["offer"]]
+        for data in frames if isinstance(frames, list) else []:
+            offer = self._offer_from_frame(data)
+            if offer is None or offer.id in sent or not matches(demand, offer):
+                continue
+            sent.add(offer.id)
+            proposal = offer_proposal(offer, demand)
+            self._remember_offer_proposal(proposal)
+            queue.put_nowait(OfferReceived(proposal))
 
     async def _request(self, ref: str, kind: str, payload: Any, timeout_s: float, provider: str | None = None) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
