@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from _common import log, median, paired_median, quiet_logs, report_targets, spread
 import dask
 from distributed import Client, LocalCluster, Scheduler
 
@@ -67,14 +67,10 @@ def inc(x: int) -> int:
     return x + 1
 
 
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
-def quiet_logs() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("distributed", "golem_dask", "web3", "eth", "asyncio", "tornado"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 
 
 def configure() -> None:
@@ -90,17 +86,13 @@ def configure() -> None:
 # -- statistics -------------------------------------------------------------------------
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
-def paired_median(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median of per-round ratios num[i]/den[i] (both measured in the same round)."""
-    return median([a / b for a, b in zip(num, den, strict=True) if b > 0])
 
 
-def spread(xs: Sequence[float]) -> str:
-    return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
+
+
+
 
 
 # -- start-up ---------------------------------------------------------------------------
@@ -394,12 +386,7 @@ def report(startup: dict[str, Any] | None, payer: list[float] | None,
                 "value": r["ratio_local_golem"],
                 "pass": r["ratio_local_golem"] >= THROUGHPUT_TARGET,
             })
-    log()
-    log("== targets ==")
-    for t in targets:
-        log(f"   {'PASS' if t['pass'] else 'FAIL'}  {t['name']}  (measured {t['value']:.3f})")
-    ok = all(t["pass"] for t in targets)
-    log(f"   overall: {'PASS' if ok else 'FAIL'} ({sum(t['pass'] for t in targets)}/{len(targets)})")
+    report_targets(targets)
     return targets
 
 

@@ -46,7 +46,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import log, median, paired_median, quiet_logs, report_targets, spread
 import dask
 from distributed import Scheduler  # imported before quiet_logs(): its import sets log levels
 
@@ -86,14 +86,10 @@ MB = 10**6
 MIB = 2**20
 
 
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
-def quiet_logs() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("distributed", "golem_dask", "web3", "eth", "asyncio", "tornado", "docker", "urllib3"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 
 
 def configure() -> None:
@@ -109,17 +105,13 @@ def configure() -> None:
 # -- statistics -------------------------------------------------------------------------
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
-def paired_median(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median of per-round ratios num[i]/den[i] (both measured in the same round)."""
-    return median([a / b for a, b in zip(num, den, strict=True) if b > 0])
 
 
-def spread(xs: Sequence[float]) -> str:
-    return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
+
+
+
 
 
 # -- containers: creation and guaranteed removal ----------------------------------------
@@ -581,12 +573,7 @@ def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repe
             "value": peak_mib,
             "pass": peak_mib < MEMORY_TARGET_MIB,
         })
-    log()
-    log("== targets ==")
-    for t in targets:
-        log(f"   {'PASS' if t['pass'] else 'FAIL'}  {t['name']}  (measured {t['value']:.3f})")
-    ok = all(t["pass"] for t in targets)
-    log(f"   overall: {'PASS' if ok else 'FAIL'} ({sum(t['pass'] for t in targets)}/{len(targets)})")
+    report_targets(targets)
     return targets
 
 
@@ -609,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = [int(n) for n in args.ns.split(",") if n.strip()]
     warmup_ns = ns[:1] if args.quick else ns
 
-    quiet_logs()
+    quiet_logs("docker", "urllib3")
     configure()
     signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C raises KeyboardInterrupt even when a shell started us with SIGINT ignored.
