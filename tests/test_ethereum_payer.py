@@ -245,3 +245,22 @@ def test_private_key_never_leaks(devnet: Devnet, caplog: pytest.LogCaptureFixtur
             assert variant not in text
     # Nor as a decimal integer, in case something printed the key as a number.
     assert str(int(key, 16)) not in caplog.text
+
+
+def test_wallet_from_an_encrypted_keystore(tmp_path) -> None:
+    import json
+
+    from eth_account import Account
+
+    from golem_dask.errors import ConfigError
+
+    key = "22" * 32
+    (tmp_path / "ks.json").write_text(json.dumps(Account.encrypt(key, "correct horse")))
+    env = {"KS_PASSWORD": "correct horse"}
+    wallet = Wallet.from_keystore(tmp_path / "ks.json", "KS_PASSWORD", environ=env)
+    assert wallet.address == Wallet.from_key(key).address
+    with pytest.raises(ConfigError) as info:
+        Wallet.from_keystore(tmp_path / "ks.json", "KS_PASSWORD", environ={"KS_PASSWORD": "wrong"})
+    assert "wrong password" in str(info.value) and key not in str(info.value)
+    with pytest.raises(ConfigError, match="KS_MISSING"):
+        Wallet.from_keystore(tmp_path / "ks.json", "KS_MISSING", environ={})

@@ -206,6 +206,9 @@ def test_chain_outage_at_close_keeps_the_debt_and_pay_settles_it_once(anvil, tmp
     listing = subprocess.run([sys.executable, "-m", "golem_dask.cli", "ledger", "--json"],
                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0 and '"status": "paid"' in listing.stdout
+    table = subprocess.run([sys.executable, "-m", "golem_dask.cli", "ledger"],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and agent.id in table.stdout and "still owed: 0 GLM" in table.stdout
 
 
 def test_stuck_transaction_is_replaced_with_the_same_nonce(anvil, tmp_path):
