@@ -227,7 +227,7 @@ def bench_startup(ns: Sequence[int], repeats: int, warmup_ns: Sequence[int]) -> 
 
 
 def bench_payer_start(repeats: int) -> list[float]:
-    """Informative: what funding a fresh embedded wallet costs (GolemCluster does it at start)."""
+    """Informative: what funding a fresh embedded wallet costs (GolemCluster does it at its first payment, not at start)."""
     from decimal import Decimal
 
     from golem_dask.payment.ethereum import EthereumPayer
@@ -368,8 +368,8 @@ def report(startup: dict[str, Any] | None, payer: list[float] | None,
                 "pass": r["ratio_golem_local"] <= STARTUP_TARGET,
             })
     if payer:
-        log(f"   (informative: funding a fresh embedded wallet, done inside every GolemCluster "
-            f"start: median {median(payer):.3f} s [{spread(payer)}])")
+        log(f"   (informative: funding a fresh embedded wallet, done at a GolemCluster's first payment, "
+            f"not at start: median {median(payer):.3f} s [{spread(payer)}])")
     if throughput:
         log()
         log("2. throughput, 2 workers x 1 thread (wall time per run)")

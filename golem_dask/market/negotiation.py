@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from golem_dask.errors import (
-    BudgetExceededError,
     NetworkError,
     NoOffersError,
     ProposalRejected,
@@ -323,12 +322,3 @@ class Negotiator:
             f"{summarize(reasons)}"
         )
 
-
-def explain_offers(offers: Iterable[Mapping[str, Any]], constraint: C.Filter) -> list[str]:
-    """The first failing clause of each offer's properties against ``constraint``."""
-    out = []
-    for props in offers:
-        why = C.explain(constraint, props)
-        if why:
-            out.append(why[0])
-    return out
