@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import errno
 import os
 from pathlib import Path
 
+import fsspec
 import pytest
+import xxhash
 
 from golem_dask.errors import ActivityError
 from golem_dask.provider.runtime.base import sandbox_path, transfer_into_sandbox
+from golem_dask import transfer
 from golem_dask.transfer import TransferError, copy, display_url
 
 
@@ -20,7 +23,80 @@ def test_file_copy_checks_size_and_hash(tmp_path: Path) -> None:
     result = copy(str(tmp_path / "a.bin"), f"file://{tmp_path}/out/", chunk_bytes=2**20)
     assert (tmp_path / "out" / "a.bin").read_bytes() == data
     assert result.nbytes == len(data) and result.files == 1
-    assert list(result.sha256.values()) == [hashlib.sha256(data).hexdigest()]
+    assert list(result.checksums.values()) == [xxhash.xxh3_128(data).hexdigest()]
+
+
+def test_copy_without_the_kernel_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where copy_file_range is refused (other filesystems, old kernels) a buffer copies."""
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    data = os.urandom(2 * 2**20 + 5)
+    (tmp_path / "a.bin").write_bytes(data)
+    result = copy(str(tmp_path / "a.bin"), str(tmp_path / "b.bin"), chunk_bytes=2**19)
+    assert (tmp_path / "b.bin").read_bytes() == data
+    assert result.checksums == {str(tmp_path / "b.bin"): xxhash.xxh3_128(data).hexdigest()}
+
+
+def test_corrupted_destination_is_caught_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check reads back what landed: a byte flipped on the way fails the copy."""
+    real = os.copy_file_range
+
+    def flip(src: int, dst: int, count: int, *rest: object) -> int:
+        n = real(src, dst, count, *rest)
+        if n:
+            os.pwrite(dst, b"\xff", os.lseek(dst, 0, os.SEEK_CUR) - 1)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", flip)
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 100_000)
+    with pytest.raises(TransferError, match="checksum differs"):
+        copy(str(tmp_path / "a.bin"), str(tmp_path / "b.bin"))
+    assert not (tmp_path / "b.bin").exists()
+
+
+def test_stream_copy_through_another_filesystem(tmp_path: Path) -> None:
+    """A remote end (here fsspec's memory filesystem) goes through the two-thread path."""
+    data = os.urandom(5 * 2**20 + 3)
+    with fsspec.open("memory://bucket/in.bin", "wb") as f:
+        f.write(data)
+    try:
+        down = copy("memory://bucket/in.bin", str(tmp_path / "in.bin"), chunk_bytes=2**20)
+        assert (tmp_path / "in.bin").read_bytes() == data
+        up = copy(str(tmp_path / "in.bin"), "memory://bucket/out/", chunk_bytes=2**20)
+        assert fsspec.filesystem("memory").cat_file("/bucket/out/in.bin") == data
+        assert list(down.checksums.values()) == list(up.checksums.values()) == [xxhash.xxh3_128(data).hexdigest()]
+    finally:
+        fsspec.filesystem("memory").rm("/bucket", recursive=True)
+
+
+def test_a_failing_writer_stops_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.bin").write_bytes(os.urandom(4 * 2**20))
+    fs = fsspec.filesystem("memory")
+    real_open = fs.open
+
+    class Full:
+        def __init__(self, f: object) -> None:
+            self.f, self.writes = f, 0
+
+        def __enter__(self) -> "Full":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()  # type: ignore[attr-defined]
+
+        def write(self, block: bytes) -> int:
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(block)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(type(fs), "open", lambda self, path, mode="rb", **kw: Full(real_open(path, mode, **kw)))
+    with pytest.raises(TransferError, match="No space left"):
+        copy(str(tmp_path / "a.bin"), "memory://full/a.bin", chunk_bytes=2**20)
+    monkeypatch.undo()
+    assert not fs.exists("/full/a.bin")
 
 
 def test_directory_copy_keeps_the_tree(tmp_path: Path) -> None:
