@@ -116,6 +116,22 @@ def test_unknown_type_and_wrong_arity_are_refused() -> None:
         decode(msgpack.packb(short))
 
 
+@pytest.mark.parametrize("value", [[1], "x", 3, None, {"a": [1]}, -1.5, b"\x00"])
+def test_hostile_field_values_raise_protocol_error_only(value: object) -> None:
+    """Every message type, every field set to a value of the wrong shape."""
+    import dataclasses
+
+    import msgpack
+
+    for cls in MESSAGE_TYPES:
+        fields = [value] * len(dataclasses.fields(cls))
+        frame = msgpack.packb(msgpack.ExtType(2, msgpack.packb([cls.__name__, fields], use_bin_type=True)))
+        try:
+            assert isinstance(decode(frame), cls)
+        except ProtocolError:
+            pass
+
+
 def test_messages_are_frozen() -> None:
     offer = examples()[1]
     with pytest.raises(AttributeError):

@@ -74,7 +74,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
             raise ProtocolError(f"{name} has {len(values)} fields, expected {len(_FIELDS[cls])}")
         try:
             return cls(*values)
-        except (TypeError, ValueError) as e:
+        # Field checks in __post_init__ meet hostile values: a list where a mapping
+        # belongs raises AttributeError, a bad key KeyError.
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise ProtocolError(f"malformed {name}: {e}") from e
     raise ProtocolError(f"unknown msgpack extension {code}")
 
