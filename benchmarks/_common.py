@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import statistics
 from collections.abc import Sequence
 
@@ -24,6 +26,26 @@ def median(xs: Sequence[float]) -> float:
 def paired_median(num: Sequence[float], den: Sequence[float]) -> float:
     """Median of per-round ratios num[i]/den[i] (both measured in the same round)."""
     return median([a / b for a, b in zip(num, den, strict=True) if b > 0])
+
+
+def geometric_mean(xs: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else float("nan")
+
+
+def bootstrap_interval(xs: Sequence[float], level: float = 0.95, resamples: int = 4000,
+                       seed: int = 20261128) -> tuple[float, float]:
+    """Percentile bootstrap interval of the geometric mean of ``xs`` (ratios).
+
+    A fixed seed makes a report reproducible from its samples.
+    """
+    if len(xs) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    logs = [math.log(x) for x in xs]
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return math.exp(lo), math.exp(hi)
 
 
 def spread(xs: Sequence[float]) -> str:

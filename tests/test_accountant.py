@@ -68,3 +68,65 @@ def test_bill_totals_only_what_was_paid() -> None:
     assert bill.total == Decimal("0.75")
     text = str(bill)
     assert "rejected" in text and "total paid: 0.75 GLM" in text
+
+
+class RecordingMarket:
+    """Stands in for the market's answers only; the payment below is real, on the devnet."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, str]] = []
+
+    async def accept(self, document: object, amount: Decimal) -> None:
+        self.answers.append(("accept", str(amount)))
+
+    async def reject(self, document: object, reason: str) -> None:
+        self.answers.append(("reject", reason))
+
+    async def notify_payment(self, payment: object) -> None:
+        pass
+
+
+def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
+    import asyncio
+    import time
+
+    from eth_account import Account
+
+    from golem_dask.payment.accountant import Accountant, Budget, max_due
+    from golem_dask.payment.ethereum import EthereumPayer
+    from golem_dask.protocol.messages import Invoice
+
+    payee = Account.create().address
+
+    async def main() -> None:
+        payer = EthereumPayer.embedded(Decimal(2))
+        budget = Budget(Decimal(2))
+        budget.reserve("a1", Decimal(1))
+        accountant = Accountant(payer, budget, Tolerance())
+        acc = account(duration=10.0, observed_cpu="5", threads=1)
+        acc.started, acc.stopped = time.time() - 10, time.time()
+        acc.agreement = Agreement("a1", acc.agreement.offer, acc.agreement.demand, payee, payer.address, 0)
+        accountant.accounts["a1"] = acc
+        market = RecordingMarket()
+
+        # No invoice in time: nothing paid, and only what an invoice could rightly ask stays held.
+        await accountant.settle(market, "a1", 0.05)
+        assert acc.status is EntryStatus.AWAITING_INVOICE and acc.amount == 0
+        held = max_due(acc, Tolerance())
+        assert Decimal(0) < held < Decimal(1) and budget.reserved_for("a1") == held
+        assert budget.remaining == Decimal(2) - held
+
+        u = usage("5", "10")
+        invoice = Invoice("a1", ("act",), u, PRICING.cost(u), payee, payer.address, payee, payer.address, "devnet")
+        await accountant.on_document(market, invoice)
+        await asyncio.gather(*accountant._late)
+        assert acc.status is EntryStatus.PAID and acc.amount == PRICING.cost(u)
+        # A second settle (say, at close) and a second invoice pay nothing more.
+        await accountant.settle(market, "a1", 0.05)
+        await accountant.on_document(market, invoice)
+        assert await payer.balance(payee) == PRICING.cost(u)
+        assert market.answers[-1][0] == "reject" and budget.reserved_for("a1") == 0
+        assert budget.spent == PRICING.cost(u)
+        await payer.close()
+
+    asyncio.run(main())

@@ -80,6 +80,11 @@ class Budget:
     def rekey(self, old: str, new: str) -> None:
         self._reserved[new] = self._reserved.pop(old)
 
+    def shrink(self, key: str, amount: Decimal) -> None:
+        """Hold at most ``amount`` for ``key`` (the rest returns to what is available)."""
+        if key in self._reserved:
+            self._reserved[key] = min(self._reserved[key], amount)
+
     def release(self, key: str) -> None:
         self._reserved.pop(key, None)
 
@@ -117,6 +122,7 @@ class AgreementAccount:
     tx_hash: str | None = None
     invoice_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    checking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one check and payment at a time
 
     def duration(self, now: float | None = None) -> Decimal:
         if self.started is None:
@@ -244,6 +250,16 @@ def check_usage(
     return None
 
 
+def max_due(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
+    """The largest invoice :func:`check_usage` could accept for ``account`` as metered now."""
+    if account.started is None:
+        return Decimal(0)  # an activity that never ran owes nothing
+    duration = account.duration() * (1 + tolerance.relative) + tolerance.duration_allowance_sec
+    cpu = min(duration * account.threads * (1 + tolerance.relative) + tolerance.cpu_allowance_sec,
+              account.observed_cpu_sec * (1 + tolerance.relative) + tolerance.cpu_allowance_sec)
+    return account.pricing.cost({P.USAGE_CPU_SEC: cpu, P.USAGE_DURATION_SEC: duration})
+
+
 class Accountant:
     """Checks debit notes and invoices, pays accepted invoices, keeps the bill.
 
@@ -263,6 +279,7 @@ class Accountant:
         self.tolerance = tolerance
         self.events = events
         self.accounts: dict[str, AgreementAccount] = {}
+        self._late: set[asyncio.Task[AgreementAccount]] = set()
         self.payments: list[Payment] = []
         self._pay_lock = asyncio.Lock()
 
@@ -319,6 +336,11 @@ class Accountant:
             return
         account.invoice = document
         account.invoice_arrived.set()
+        if account.status is EntryStatus.AWAITING_INVOICE and not account.settled.is_set():
+            # settle() already gave up waiting; this late invoice is checked and paid now.
+            task = asyncio.get_running_loop().create_task(self.settle(market, document.agreement_id, 0))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
 
     async def settle(self, market: Any, agreement_id: str, timeout_s: float) -> AgreementAccount:
         """Wait for an agreement's invoice, check it, and pay it if it is right."""
@@ -328,10 +350,23 @@ class Accountant:
         try:
             await asyncio.wait_for(account.invoice_arrived.wait(), timeout_s)
         except asyncio.TimeoutError:
+            # The provider may be gone, or slow: keep only what an invoice could still
+            # rightly ask (our own metering plus the tolerance), so the rest of the budget
+            # serves other workers, and pay a late invoice when it comes (on_document).
+            held = max_due(account, self.tolerance)
+            self.budget.shrink(agreement_id, held)
             account.status = EntryStatus.AWAITING_INVOICE
-            account.reason = f"no invoice within {timeout_s}s"
-            self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; nothing paid")
+            account.reason = f"no invoice within {timeout_s}s; up to {_plain(held)} GLM held for a late one"
+            self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; nothing paid yet, "
+                       f"up to {_plain(held)} GLM held in case it comes")
             return account
+        async with account.checking:
+            if account.settled.is_set() or account.status is EntryStatus.FAILED:
+                return account  # another settle() got here first
+            return await self._check_and_pay(market, account)
+
+    async def _check_and_pay(self, market: Any, account: AgreementAccount) -> AgreementAccount:
+        agreement_id = account.agreement.id
         invoice = account.invoice
         assert invoice is not None
         account.stopped = account.stopped or time.time()
