@@ -69,12 +69,6 @@ def inc(x: int) -> int:
     return x + 1
 
 
-
-
-
-
-
-
 def configure() -> None:
     dask.config.set(
         {
@@ -83,18 +77,6 @@ def configure() -> None:
             "golem.payment.budget": BUDGET,
         }
     )
-
-
-# -- statistics -------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
 
 
 # -- start-up ---------------------------------------------------------------------------

@@ -209,6 +209,10 @@ class ProviderAgent:
             with contextlib.suppress(Exception):
                 await self._link.withdraw(self.offer.id)
         self.offer = None
+        try:
+            await self.runtime.close()
+        except Exception:
+            logger.exception("%s: closing the runtime failed", self)
 
     # -- negotiation ----------------------------------------------------------------------
 

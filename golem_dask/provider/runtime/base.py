@@ -169,3 +169,6 @@ class Runtime(abc.ABC):
     async def cleanup(self, live_agreement_ids: set[str]) -> int:
         """Remove sandboxes left by agreements that are no longer live; returns how many."""
         return 0
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the runtime holds beyond its activities; called when the agent closes."""

@@ -226,6 +226,13 @@ class DockerRuntime(Runtime):
             self._client = engine()
         return self._client
 
+    async def close(self) -> None:
+        """Let go of the engine connection (activities are terminated before this)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(client.close)
+
     def image_info(self, image: str | None = None) -> Any:
         """The engine's record of ``image`` (default: this runtime's), or ActivityError."""
         image = image or self.image
