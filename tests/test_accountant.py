@@ -105,7 +105,7 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
         accountant = Accountant(payer, budget, Tolerance())
         acc = account(duration=10.0, observed_cpu="5", threads=1)
         acc.started, acc.stopped = time.time() - 10, time.time()
-        acc.agreement = Agreement("a1", acc.agreement.offer, acc.agreement.demand, payee, payer.address, 0)
+        acc.agreement = Agreement("a1", acc.agreement.demand, acc.agreement.offer, payer.address, payee, 0)
         accountant.accounts["a1"] = acc
         market = RecordingMarket()
 
@@ -120,7 +120,7 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
         invoice = Invoice("a1", ("act",), u, PRICING.cost(u), payee, payer.address, payee, payer.address, "devnet")
         await accountant.on_document(market, invoice)
         await asyncio.gather(*accountant._late)
-        assert acc.status is EntryStatus.PAID and acc.amount == PRICING.cost(u)
+        assert acc.status is EntryStatus.PAID and acc.amount == PRICING.cost(u), acc.reason
         # A second settle (say, at close) and a second invoice pay nothing more.
         await accountant.settle(market, "a1", 0.05)
         await accountant.on_document(market, invoice)

@@ -243,9 +243,9 @@ def test_other_protocol_version_is_refused_naming_both() -> None:
 
 
 def test_undecodable_signed_body_raises_protocol_error() -> None:
-    # An Offer whose properties are not a mapping: decode() itself lets AttributeError out.
+    # An Offer whose properties are not a mapping, signed correctly: refused by name.
     body = msgpack.packb(msgpack.ExtType(2, msgpack.packb(["Offer", [5, "c", "p", "i", 0]])))
-    with pytest.raises(ProtocolError, match="payload"):
+    with pytest.raises(ProtocolError, match="malformed Offer"):
         verify(_signed(ALICE, body=body))
 
 

@@ -348,7 +348,8 @@ class Accountant:
         if account.settled.is_set():
             return account
         try:
-            await asyncio.wait_for(account.invoice_arrived.wait(), timeout_s)
+            if not account.invoice_arrived.is_set():
+                await asyncio.wait_for(account.invoice_arrived.wait(), timeout_s)
         except asyncio.TimeoutError:
             # The provider may be gone, or slow: keep only what an invoice could still
             # rightly ask (our own metering plus the tolerance), so the rest of the budget
