@@ -41,12 +41,14 @@ def local_providers(
     entries: Sequence[dict[str, Any]] | None = None,
     runtime: str = "process",
     image: str | None = None,
+    docker_client: Any = None,
 ) -> list[Any]:
     """Provider agents for the embedded market, from ``golem.provider.local``.
 
     Each entry may set ``name``, ``cpu``, ``memory``, ``storage``, ``runtime``
     (``process``, ``docker``, or ``auto`` for the given ``runtime``),
-    ``price-per-cpu-hour``, ``price-per-hour`` and ``start-price``.
+    ``price-per-cpu-hour``, ``price-per-hour`` and ``start-price``.  Docker providers
+    use ``docker_client`` when given (an engine connection already open).
     """
     import psutil
 
@@ -87,7 +89,8 @@ def local_providers(
             from golem_dask.image import default_tag
             from golem_dask.provider.runtime.docker import DockerRuntime
 
-            engine_runtime: Any = DockerRuntime(image or default_tag(), config.get("provider.docker-network"), name)
+            engine_runtime: Any = DockerRuntime(image or default_tag(), config.get("provider.docker-network"), name,
+                                                client=docker_client)
         else:
             engine_runtime = ProcessRuntime()
         agents.append(ProviderAgent(settings, engine_runtime, Wallet.generate().address))
@@ -242,6 +245,7 @@ class GolemCluster(SpecCluster):
         # Everything that can be wrong with the arguments fails here, before any
         # process, market or chain is started.
         self.events = EventLog()
+        self._docker_client: Any = None  # handed from the runtime check to the embedded providers
         embedded = not isinstance(market, Market) and config.get("market.backend", market) in (None, "local")
         runtime = config.get("demand.runtime", runtime)
         if runtime not in (None, "process", "docker"):
@@ -358,7 +362,7 @@ class GolemCluster(SpecCluster):
             from golem_dask.market.local import LocalMarket
 
             return LocalMarket(local_providers(self.spec.platform, runtime=self.runtime or "process",
-                                              image=self.spec.image))
+                                              image=self.spec.image, docker_client=self._docker_client))
         if isinstance(backend, str) and backend.startswith("tcp://"):
             from golem_dask.market.hub import HubMarket
 
@@ -373,16 +377,21 @@ class GolemCluster(SpecCluster):
 
     def _pick_runtime(self, runtime: str | None, image: str | None, embedded: bool) -> str:
         """Docker if asked for or, by default, if an engine answers and has the image."""
+        from golem_dask.errors import ActivityError
         from golem_dask.image import check_image, default_tag
-        from golem_dask.provider.runtime.docker import engine, engine_answers
+        from golem_dask.provider.runtime.docker import engine
 
         image = image or default_tag()
-        if runtime is None and not engine_answers():
-            self.events.emit("runtime", "process runtime: no Docker engine answers")
-            return "process"
-        if runtime == "docker" and not embedded and not engine_answers():
+        try:
+            client = engine(5.0 if runtime == "docker" and embedded else 2.0)
+        except ActivityError:
+            if runtime == "docker" and embedded:
+                raise
+            if runtime is None:
+                self.events.emit("runtime", "process runtime: no Docker engine answers")
+                return "process"
             return "docker"  # remote providers deploy the image; nothing to check here
-        client = engine()
+        keep = False
         try:
             import docker
 
@@ -398,8 +407,12 @@ class GolemCluster(SpecCluster):
             # Versions are checked before negotiating: a mismatch would only show as
             # workers the scheduler refuses.
             check_image(found)
+            # The embedded providers reuse this connection (each new one costs ~15 ms).
+            keep = embedded
+            self._docker_client = client if keep else None
         finally:
-            client.close()
+            if not keep:
+                client.close()
         self.events.emit("runtime", f"docker runtime with image {image}")
         return "docker"
 

@@ -206,16 +206,19 @@ class DockerRuntime(Runtime):
         bridge the worker reaches the host's scheduler as ``host.docker.internal``.
     provider_name:
         Goes into container labels, to find leftovers after a crash.
+    client:
+        An engine connection to use (the runtime closes it in :meth:`close`).
     """
 
     name = "docker"
 
-    def __init__(self, image: str, network: str = "host", provider_name: str = "local", root: str | None = None) -> None:
+    def __init__(self, image: str, network: str = "host", provider_name: str = "local", root: str | None = None,
+                 client: Any = None) -> None:
         self.image = image
         self.network = network
         self.provider_name = provider_name
         self.root = root
-        self._client: Any = None
+        self._client: Any = client  # a connected docker client, or None to connect on first use
 
     def __repr__(self) -> str:
         return f"<DockerRuntime image={self.image!r} network={self.network!r}>"
