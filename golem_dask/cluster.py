@@ -25,7 +25,7 @@ from golem_dask.errors import BudgetExceededError, ConfigError
 from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
-from golem_dask.market.negotiation import Negotiator
+from golem_dask.market.negotiation import Deal, Negotiator
 from golem_dask.market.pricing import LinearPricing
 from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
 from golem_dask.payment.base import Payer
@@ -436,6 +436,10 @@ class GolemCluster(SpecCluster):
                 # of the time to ready workers.
                 await self.negotiator.start()
                 self._spawn(self._answer_documents(), "golem-accountant")
+                # The first workers' agreements are negotiated while the scheduler starts.
+                for name in self.worker_spec:
+                    self._parts.early_deals[name] = asyncio.create_task(
+                        self.negotiator.acquire(name), name=f"golem-deal-{name}")
             except BaseException:
                 await self._golem_close()
                 raise
@@ -524,6 +528,7 @@ class GolemCluster(SpecCluster):
         if self._golem_closed:
             return
         self._golem_closed = True
+        await self._drop_early_deals()
         with contextlib.suppress(Exception):
             await self.negotiator.close()
         with contextlib.suppress(Exception):
@@ -544,6 +549,19 @@ class GolemCluster(SpecCluster):
             self.events.emit("warning", f"still owed: {owed}; the debts are kept in the ledger"
                              + (f" ({where})" if where else "") + "; run 'golem-dask pay' to settle them",
                              owed=bill.owed)
+
+    async def _drop_early_deals(self) -> None:
+        """End agreements negotiated for workers that never started (closed first)."""
+        early = list(self._parts.early_deals.values())
+        self._parts.early_deals.clear()
+        for task in early:
+            task.cancel()
+        # Cancelled before signing, the reservation was released; failures need nothing.
+        for deal in await asyncio.gather(*early, return_exceptions=True):
+            if isinstance(deal, Deal):
+                with contextlib.suppress(Exception):
+                    await self.market.terminate_agreement(deal.agreement.id, "cluster closed before the worker started")
+                self.negotiator.budget.release(deal.reservation)
 
     # -- money ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.core import Status
@@ -80,6 +80,8 @@ class RequestorParts:
     collect: Sequence[ExeCommand] = ()
     #: Host the worker dials for the scheduler (``host.docker.internal`` on a bridge).
     scheduler_host: str | None = None
+    #: Agreements negotiated ahead for workers not started yet, by worker name.
+    early_deals: dict[str, asyncio.Task[Deal]] = field(default_factory=dict)
 
 
 class GolemWorker(ProcessInterface):
@@ -145,7 +147,8 @@ class GolemWorker(ProcessInterface):
     async def start(self) -> None:
         p = self.parts
         try:
-            self.deal = await p.negotiator.acquire(self.name)
+            early = p.early_deals.pop(self.name, None)
+            self.deal = await (early if early is not None else p.negotiator.acquire(self.name))
             agreement = self.deal.agreement
             p.accountant.open(agreement, self.name, self.deal.reservation)
             activity = await p.market.create_activity(agreement.id)

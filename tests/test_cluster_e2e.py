@@ -236,3 +236,20 @@ def test_asynchronous_cluster() -> None:
 
     cluster = asyncio.run(main())
     assert [e.status for e in cluster.bill().entries] == ["paid"]
+
+
+def test_agreements_negotiated_ahead_are_ended_when_no_worker_takes_them() -> None:
+    """The first workers' agreements are signed while the scheduler starts; one that no
+    worker took (the cluster closed first) is terminated and its reservation released."""
+    async def main() -> None:
+        async with GolemCluster(n_workers=0, budget="1", asynchronous=True) as cluster:
+            (agent,) = cluster.market.providers.values()
+            task = asyncio.create_task(cluster.negotiator.acquire("never-started"))
+            cluster._parts.early_deals["never-started"] = task
+            deal = await task
+            assert agent.live_agreements == [deal.agreement.id]
+            assert cluster.budget.reserved > 0
+        assert agent.live_agreements == []
+        assert cluster.budget.reserved == 0 and cluster.budget.spent == 0
+
+    asyncio.run(main())
