@@ -4,6 +4,10 @@ No engine is needed, so this is the embedded default where Docker is absent.  Th
 no sandbox beyond a working directory: sell it only to requestors you trust (on one
 machine, yourself).  The agreed threads and memory are enforced by the command line the
 provider builds, whatever the requestor asked for.
+
+Each working directory holds an owner file (the agent's pid, then the worker's); a
+provider that starts up removes the directories, and stops the workers, of agents that
+died without cleaning up.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from golem_dask.provider.runtime.base import (
 
 logger = logging.getLogger(__name__)
 
+OWNER_FILE = ".golem-owner"  # "<agent pid> <worker pid>" in each working directory
+
 class ProcessActivity(RuntimeActivity):
     """One ``dask worker`` child process in a working directory of its own."""
 
@@ -52,6 +58,7 @@ class ProcessActivity(RuntimeActivity):
 
     async def start(self) -> str:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self._root))
+        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()} 0")
         return f"working directory {self.workdir}"
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
@@ -74,6 +81,7 @@ class ProcessActivity(RuntimeActivity):
                 start_new_session=True,
             )
         self._ps = psutil.Process(self._process.pid)
+        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()} {self._process.pid}")
         return f"pid {self._process.pid}: {' '.join(cmd[3:5])}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
@@ -146,3 +154,28 @@ class ProcessRuntime(Runtime):
 
     def activity(self, activity_id: str, agreement_id: str, resources, image: str | None = None) -> ProcessActivity:
         return ProcessActivity(activity_id, agreement_id, resources, self.root)
+
+    def _cleanup(self) -> int:
+        removed = 0
+        root = Path(self.root or tempfile.gettempdir())
+        for owner in root.glob(f"golem-*/{OWNER_FILE}"):
+            try:
+                agent_pid, worker_pid = (int(x) for x in owner.read_text().split())
+            except (OSError, ValueError):
+                continue
+            if psutil.pid_exists(agent_pid):
+                continue  # its agent is alive and cleans up after itself
+            workdir = owner.parent
+            with contextlib.suppress(psutil.Error, OSError):
+                worker = psutil.Process(worker_pid)
+                if worker_pid and Path(worker.cwd()) == workdir:  # the pid was not reused
+                    worker.kill()
+                    worker.wait(5)
+                    logger.info("stopped worker %d left by dead agent %d", worker_pid, agent_pid)
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed += 1
+        return removed
+
+    async def cleanup(self, live_agreement_ids: set[str]) -> int:
+        """Remove working directories (and stop workers) of agents that died."""
+        return await asyncio.to_thread(self._cleanup)
