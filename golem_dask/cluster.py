@@ -384,7 +384,7 @@ class GolemCluster(SpecCluster):
         image = image or default_tag()
         try:
             client = engine(5.0 if runtime == "docker" and embedded else 2.0)
-        except ActivityError:
+        except (ActivityError, ConfigError):  # no engine, or no docker SDK installed
             if runtime == "docker" and embedded:
                 raise
             if runtime is None:

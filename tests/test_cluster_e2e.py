@@ -253,3 +253,19 @@ def test_agreements_negotiated_ahead_are_ended_when_no_worker_takes_them() -> No
         assert cluster.budget.reserved == 0 and cluster.budget.spent == 0
 
     asyncio.run(main())
+
+
+def test_without_the_docker_sdk_the_default_is_the_process_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install golem-dask` has no docker extra: the default must still start."""
+    from golem_dask.errors import ConfigError
+    from golem_dask.provider.runtime import docker as docker_runtime
+
+    def missing() -> None:
+        raise ConfigError("the docker runtime needs the docker SDK: pip install 'golem-dask[docker]'")
+
+    monkeypatch.setattr(docker_runtime, "_docker", missing)
+    auto = [{**dask.config.get("golem.provider.local")[0], "runtime": "auto"}]
+    with dask.config.set({"golem.provider.local": auto}), GolemCluster(n_workers=0, budget="1") as cluster:
+        assert cluster.runtime == "process"
+    with pytest.raises(ConfigError, match="docker SDK"):
+        GolemCluster(n_workers=0, budget="1", runtime="docker")
