@@ -3,8 +3,8 @@
 A copy moves fixed-size chunks (memory stays flat whatever the file size): between
 local paths in the kernel with ``copy_file_range``, otherwise through two overlapping
 threads.  It then compares sizes at both ends and the checksum of the source's bytes
-with the destination's (read back where the destination is local).  Errors from fsspec backends are raised as
-:class:`~golem_dask.errors.TransferError` naming the URL.
+with the destination's (read back where the destination is local).  Errors from fsspec
+backends are raised as :class:`~golem_dask.errors.TransferError` naming the URL.
 """
 
 from __future__ import annotations

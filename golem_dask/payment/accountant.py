@@ -215,6 +215,19 @@ class Tolerance:
     duration_allowance_sec: Decimal = Decimal(2)
 
 
+def _allowed_duration(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
+    """The most duration a provider may claim: our metering plus the tolerance."""
+    return account.duration() * (1 + tolerance.relative) + tolerance.duration_allowance_sec
+
+
+def _allowed_cpu(account: AgreementAccount, tolerance: Tolerance, duration: Decimal) -> Decimal:
+    """The most CPU a provider may claim over ``duration``: what its threads could do and
+    what the scheduler saw, each plus the tolerance, whichever is less."""
+    physical = duration * account.threads * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
+    observed = account.observed_cpu_sec * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
+    return min(physical, observed)
+
+
 def check_usage(
     usage: Mapping[str, Decimal],
     amount: Decimal,
@@ -236,12 +249,10 @@ def check_usage(
     if amount != expected:
         return f"amount {amount} is not the agreed price of its usage ({expected})"
     ours = account.duration()
-    max_duration = ours * (1 + tolerance.relative) + tolerance.duration_allowance_sec
+    max_duration = _allowed_duration(account, tolerance)
     if duration > max_duration:
         return f"duration_sec {duration} exceeds our metering ({ours}s, allowed {max_duration.normalize()})"
-    max_cpu_physical = duration * account.threads * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
-    max_cpu_observed = account.observed_cpu_sec * (1 + tolerance.relative) + tolerance.cpu_allowance_sec
-    max_cpu = min(max_cpu_physical, max_cpu_observed)
+    max_cpu = _allowed_cpu(account, tolerance, duration)
     if cpu > max_cpu:
         return (
             f"cpu_sec {cpu} exceeds our metering (scheduler saw {account.observed_cpu_sec} cpu-seconds "
@@ -254,9 +265,8 @@ def max_due(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
     """The largest invoice :func:`check_usage` could accept for ``account`` as metered now."""
     if account.started is None:
         return Decimal(0)  # an activity that never ran owes nothing
-    duration = account.duration() * (1 + tolerance.relative) + tolerance.duration_allowance_sec
-    cpu = min(duration * account.threads * (1 + tolerance.relative) + tolerance.cpu_allowance_sec,
-              account.observed_cpu_sec * (1 + tolerance.relative) + tolerance.cpu_allowance_sec)
+    duration = _allowed_duration(account, tolerance)
+    cpu = _allowed_cpu(account, tolerance, duration)
     return account.pricing.cost({P.USAGE_CPU_SEC: cpu, P.USAGE_DURATION_SEC: duration})
 
 

@@ -66,15 +66,6 @@ def engine(timeout_s: float = 5.0) -> Any:
     return client
 
 
-def engine_answers() -> bool:
-    """Whether a Docker engine can be used here (for the embedded default's choice)."""
-    try:
-        engine(2.0).close()
-    except (ActivityError, ConfigError):
-        return False
-    return True
-
-
 class DockerActivity(RuntimeActivity):
     """One activity: a sandbox directory and, once running, a container."""
 
