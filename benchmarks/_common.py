@@ -52,6 +52,27 @@ def spread(xs: Sequence[float]) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
 
 
+def finish(json_path: str | None, targets: Sequence[dict], **figures: object) -> int:
+    """Write the run to ``json_path`` (if given) and return the exit status: 1 if a target failed.
+
+    The document holds the platform (Python, dask, CPUs), ``figures`` in the given
+    order, then the targets.
+    """
+    if json_path:
+        import json
+        import os
+        import platform
+
+        import dask
+
+        doc = {"python": platform.python_version(), "dask": dask.__version__, "cpus": os.cpu_count(),
+               **figures, "targets": list(targets)}
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=2)
+        log(f"wrote {json_path}")
+    return 0 if all(t["pass"] for t in targets) else 1
+
+
 def report_targets(targets: Sequence[dict]) -> None:
     """Print each target as PASS/FAIL with its measured value, then the overall verdict."""
     log()

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import platform
@@ -41,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import bootstrap_interval, geometric_mean, log, median, paired_median, quiet_logs, report_targets, spread
+from _common import bootstrap_interval, finish, geometric_mean, log, median, paired_median, quiet_logs, report_targets, spread
 import dask
 from distributed import Client, LocalCluster, Scheduler
 
@@ -436,26 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = report(startup, payer, throughput, repeats)
     total = time.perf_counter() - started
     log(f"\n(total benchmark time {total:.0f} s)")
-    if args.json:
-        doc = {
-            "python": platform.python_version(),
-            "dask": dask.__version__,
-            "cpus": os.cpu_count(),
-            "repeats": repeats,
-            "throughput_rounds": rounds,
-            "quick": args.quick,
-            "worker_memory": WORKER_MEMORY,
-            "provider": PROVIDER,
-            "startup": startup,
-            "embedded_payer_start_s": payer,
-            "throughput": throughput,
-            "targets": targets,
-            "total_s": total,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-        log(f"wrote {args.json}")
-    return 0 if all(t["pass"] for t in targets) else 1
+    return finish(args.json, targets, repeats=repeats, throughput_rounds=rounds, quick=args.quick,
+                  worker_memory=WORKER_MEMORY, provider=PROVIDER, startup=startup,
+                  embedded_payer_start_s=payer, throughput=throughput, total_s=total)
 
 
 if __name__ == "__main__":  # LocalCluster's nannies spawn processes that re-import this file

@@ -39,7 +39,6 @@ import asyncio
 import atexit
 import contextlib
 import gc
-import json
 import logging
 import os
 import platform
@@ -56,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import log, median, paired_median, quiet_logs, report_targets, spread
+from _common import finish, log, median, paired_median, quiet_logs, report_targets, spread
 import dask
 import xxhash
 from distributed import Scheduler  # imported before quiet_logs(): its import sets log levels
@@ -642,26 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = report(startup, transfer, repeats)
     total = time.perf_counter() - started
     log(f"\n(total benchmark time {total:.0f} s)")
-    if args.json:
-        doc = {
-            "python": platform.python_version(),
-            "dask": dask.__version__,
-            "cpus": os.cpu_count(),
-            "repeats": repeats,
-            "transfer_repeats": transfer_repeats,
-            "quick": args.quick,
-            "image": image,
-            "worker_memory": WORKER_MEMORY,
-            "provider": PROVIDER,
-            "startup": startup,
-            "transfer": transfer,
-            "targets": targets,
-            "total_s": total,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-        log(f"wrote {args.json}")
-    return 0 if all(t["pass"] for t in targets) else 1
+    return finish(args.json, targets, repeats=repeats, transfer_repeats=transfer_repeats, quick=args.quick,
+                  image=image, worker_memory=WORKER_MEMORY, provider=PROVIDER, startup=startup,
+                  transfer=transfer, total_s=total)
 
 
 if __name__ == "__main__":
