@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from golem_dask.provider.runtime.process import OWNER_FILE, ProcessRuntime
 from golem_dask.protocol.properties import Resources
+from golem_dask.provider.runtime.process import OWNER_FILE, ProcessRuntime
 
 
 def dead_pid() -> int:
