@@ -25,13 +25,13 @@ from golem_dask.errors import BudgetExceededError, ConfigError
 from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
-from golem_dask.market.negotiation import Deal, Negotiator
+from golem_dask.market.negotiation import Negotiator
 from golem_dask.market.pricing import LinearPricing
 from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
 from golem_dask.payment.base import Payer
 from golem_dask.protocol.messages import ExeCommand
 from golem_dask.protocol.properties import Resources
-from golem_dask.worker import GolemWorker, Registrations, RequestorParts
+from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,11 @@ def local_providers(
 
 TLS_FILES = {"ca": "/golem/tls/ca.pem", "cert": "/golem/tls/cert.pem", "key": "/golem/tls/key.pem"}
 TLS_ARGS = ("--tls-ca-file", TLS_FILES["ca"], "--tls-cert", TLS_FILES["cert"], "--tls-key", TLS_FILES["key"])
+
+
+#: How long the cluster's start waits for the first rentals' exe-scripts to be sent
+#: before it builds the scheduler.
+HEAD_START_S = 0.05
 
 
 def temporary_security() -> Security:
@@ -436,10 +441,15 @@ class GolemCluster(SpecCluster):
                 # of the time to ready workers.
                 await self.negotiator.start()
                 self._spawn(self._answer_documents(), "golem-accountant")
-                # The first workers' agreements are negotiated while the scheduler starts.
-                for name in self.worker_spec:
-                    self._parts.early_deals[name] = asyncio.create_task(
-                        self.negotiator.acquire(name), name=f"golem-deal-{name}")
+                # The first workers' agreements are negotiated, and their activities
+                # started, while the scheduler starts.
+                early = [Rental(self._parts, name).prepare_soon() for name in self.worker_spec]
+                self._parts.early.update((r.name, r) for r in early)
+                if early:
+                    # Building the scheduler holds the event loop for ~15 ms: let the
+                    # rentals send their exe-scripts first (the embedded market signs in
+                    # milliseconds; a remote one gets at most HEAD_START_S).
+                    await asyncio.wait([asyncio.ensure_future(r.under_way()) for r in early], timeout=HEAD_START_S)
             except BaseException:
                 await self._golem_close()
                 raise
@@ -528,7 +538,7 @@ class GolemCluster(SpecCluster):
         if self._golem_closed:
             return
         self._golem_closed = True
-        await self._drop_early_deals()
+        await self._drop_early_rentals()
         with contextlib.suppress(Exception):
             await self.negotiator.close()
         with contextlib.suppress(Exception):
@@ -550,18 +560,12 @@ class GolemCluster(SpecCluster):
                              + (f" ({where})" if where else "") + "; run 'golem-dask pay' to settle them",
                              owed=bill.owed)
 
-    async def _drop_early_deals(self) -> None:
-        """End agreements negotiated for workers that never started (closed first)."""
-        early = list(self._parts.early_deals.values())
-        self._parts.early_deals.clear()
-        for task in early:
-            task.cancel()
-        # Cancelled before signing, the reservation was released; failures need nothing.
-        for deal in await asyncio.gather(*early, return_exceptions=True):
-            if isinstance(deal, Deal):
-                with contextlib.suppress(Exception):
-                    await self.market.terminate_agreement(deal.agreement.id, "cluster closed before the worker started")
-                self.negotiator.budget.release(deal.reservation)
+    async def _drop_early_rentals(self) -> None:
+        """End rentals prepared for workers that never started (the cluster closed first)."""
+        early = list(self._parts.early.values())
+        self._parts.early.clear()
+        await asyncio.gather(*(r.release("cluster closed before the worker started") for r in early),
+                             return_exceptions=True)
 
     # -- money ------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """``GolemWorker``: one rented Dask worker, from agreement to payment.
 
 ``start`` is negotiate → activity (deploy, start, run ``dask worker``) → registered with
-the scheduler.  ``close`` is stop the activity → terminate the agreement → settle the
+the scheduler; a :class:`Rental` holds the market side, so the part before ``run`` can
+happen while the scheduler starts.  ``close`` is stop the activity → terminate the agreement → settle the
 invoice, and it releases everything it can even when a step fails.
 """
 
@@ -80,8 +81,130 @@ class RequestorParts:
     collect: Sequence[ExeCommand] = ()
     #: Host the worker dials for the scheduler (``host.docker.internal`` on a bridge).
     scheduler_host: str | None = None
-    #: Agreements negotiated ahead for workers not started yet, by worker name.
-    early_deals: dict[str, asyncio.Task[Deal]] = field(default_factory=dict)
+    #: Rentals prepared ahead (while the scheduler starts) for workers not started yet.
+    early: dict[str, Rental] = field(default_factory=dict)
+
+
+class Rental:
+    """One agreement and its activity, from negotiation to settlement.
+
+    :meth:`prepare` needs no scheduler (agreement, activity, ``deploy``, ``start``, the
+    setup transfers), so the cluster prepares its first workers' rentals while its
+    scheduler starts; :meth:`run` then starts ``dask worker``; :meth:`release` stops,
+    terminates and settles, whatever state the rental reached.
+    """
+
+    def __init__(self, parts: RequestorParts, name: str) -> None:
+        self.parts = parts
+        self.name = name
+        self.deal: Deal | None = None
+        self.activity_id: str | None = None
+        self.running = False
+        self.ready = False  # the worker joined the scheduler: losing it is news
+        self.failed = asyncio.Event()
+        self.failure = ""
+        self._preparing: asyncio.Task[None] | None = None
+        self._script_sent = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        self._released = False
+
+    def __repr__(self) -> str:
+        agreement = self.deal.agreement.id[:8] if self.deal else "-"
+        return f"<Rental {self.name!r} agreement={agreement} activity={(self.activity_id or '-')[:8]}>"
+
+    def prepare_soon(self) -> Rental:
+        """Start :meth:`prepare` in the background (see :meth:`prepared`)."""
+        self._preparing = asyncio.create_task(self.prepare(), name=f"golem-prepare-{self.name}")
+        return self
+
+    async def under_way(self) -> None:
+        """Return once the background preparation has sent its exe-script, or has ended."""
+        assert self._preparing is not None, "prepare_soon() first"
+        sent = asyncio.ensure_future(self._script_sent.wait())
+        try:
+            await asyncio.wait({sent, self._preparing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sent.cancel()
+
+    async def prepared(self) -> None:
+        """Wait for the background :meth:`prepare`, or run it now if none was started."""
+        await (self._preparing if self._preparing is not None else self.prepare())
+
+    async def prepare(self) -> None:
+        p = self.parts
+        deal = self.deal = await p.negotiator.acquire(self.name)
+        p.accountant.open(deal.agreement, self.name, deal.reservation)
+        activity = await p.market.create_activity(deal.agreement.id)
+        self.activity_id = activity.id
+        self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
+        self._script_sent.set()
+        await self._exec([ExeCommand("deploy"), ExeCommand("start"), *p.setup])
+
+    async def run(self, args: Sequence[str]) -> None:
+        """Start ``dask worker`` with ``args`` in the prepared activity."""
+        assert self.deal is not None and self.activity_id is not None
+        env = {"GOLEM_AGREEMENT_ID": self.deal.agreement.id, "GOLEM_ACTIVITY_ID": self.activity_id}
+        await self._exec([ExeCommand("run", {"entry_point": "dask", "args": list(args), "env": env})])
+        self.running = True
+        # Only a worker that got to run is owed anything.
+        self.parts.accountant.activity_started(self.deal.agreement.id)
+
+    async def _exec(self, script: Sequence[ExeCommand]) -> None:
+        p = self.parts
+        assert self.activity_id is not None
+        for command, line in zip(script, await p.market.exec(self.activity_id, script, p.start_timeout_s)):
+            p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name)
+
+    async def _follow(self, activity_id: str) -> None:
+        async for activity in self.parts.market.activity_events(activity_id):
+            self.parts.events.emit("activity", f"{self.name}: activity {activity.state.value}", worker=self.name,
+                                   state=activity.state.value)
+            if activity.state in (ActivityState.FAILED, ActivityState.TERMINATED) and not self._released:
+                self.failure = activity.reason or activity.state.value
+                self.failed.set()
+                if self.ready:
+                    self.parts.on_lost(self.name, self.failure)
+                return
+
+    async def release(self, reason: str) -> None:
+        """Collect outputs (if the worker ran), stop, terminate and settle.
+
+        Each step runs even if an earlier one failed; a rental still being prepared is
+        cancelled first.
+        """
+        if self._released:
+            return
+        self._released = True
+        preparing = self._preparing
+        if preparing is not None:
+            preparing.cancel()
+            await asyncio.wait([preparing])
+            if not preparing.cancelled() and preparing.exception() is not None:
+                logger.info("preparing %s failed: %s", self.name, preparing.exception())
+        p = self.parts
+        agreement_id = self.deal.agreement.id if self.deal else None
+        if self.activity_id is not None and self.ready and p.collect:
+            # Outputs leave the sandbox before the sandbox goes.
+            outputs = await _attempt(p.market.exec(self.activity_id, p.collect, p.close_timeout_s),
+                                     f"collecting outputs of {self.name}")
+            if outputs is None:
+                p.events.emit("warning", f"outputs of {self.name} could not be collected; see the log")
+            else:
+                for line in outputs:
+                    p.events.emit("transfer", f"{self.name}: {line}", worker=self.name)
+        if self.activity_id is not None:
+            await _attempt(p.market.destroy_activity(self.activity_id), f"stopping {self.name}")
+        if agreement_id is not None:
+            p.accountant.activity_stopped(agreement_id)
+            await _attempt(p.market.terminate_agreement(agreement_id, reason), f"terminating {agreement_id}")
+            account = await _attempt(p.accountant.settle(p.market, agreement_id, p.invoice_timeout_s),
+                                     f"settling {agreement_id}")
+            if account is not None:
+                p.events.emit("worker", f"worker {self.name} released: {account.status.value}, "
+                              f"{account.amount} GLM", worker=self.name)
+        if self._watch is not None:
+            self._watch.cancel()
+        p.registrations.forget(self.name)
 
 
 class GolemWorker(ProcessInterface):
@@ -102,22 +225,24 @@ class GolemWorker(ProcessInterface):
         self.scheduler = scheduler
         self.name = str(name)
         self.parts = parts
-        self.deal: Deal | None = None
-        self.activity_id: str | None = None
+        self.rental: Rental | None = None
         self.error: BaseException | None = None
-        self._watch: asyncio.Task[None] | None = None
-        self._failed = asyncio.Event()
-        self._failure = ""
-        self._ready = False
-        self._released = False
 
     def __repr__(self) -> str:
         agreement = self.deal.agreement.id[:8] if self.deal else "-"
         return f"<GolemWorker {self.name!r} agreement={agreement} status={self.status.name}>"
 
     @property
+    def deal(self) -> Deal | None:
+        return self.rental.deal if self.rental else None
+
+    @property
     def agreement_id(self) -> str | None:
         return self.deal.agreement.id if self.deal else None
+
+    @property
+    def activity_id(self) -> str | None:
+        return self.rental.activity_id if self.rental else None
 
     @property
     def scheduler_for_worker(self) -> str:
@@ -146,101 +271,48 @@ class GolemWorker(ProcessInterface):
 
     async def start(self) -> None:
         p = self.parts
+        rental = self.rental = p.early.pop(self.name, None) or Rental(p, self.name)
         try:
-            early = p.early_deals.pop(self.name, None)
-            self.deal = await (early if early is not None else p.negotiator.acquire(self.name))
-            agreement = self.deal.agreement
-            p.accountant.open(agreement, self.name, self.deal.reservation)
-            activity = await p.market.create_activity(agreement.id)
-            self.activity_id = activity.id
-            self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
+            await rental.prepared()
             registered = p.registrations.expect(self.name)
-            env = {"GOLEM_AGREEMENT_ID": agreement.id, "GOLEM_ACTIVITY_ID": activity.id}
-            script = [
-                ExeCommand("deploy"),
-                ExeCommand("start"),
-                *p.setup,
-                ExeCommand("run", {"entry_point": "dask", "args": self.command(), "env": env}),
-            ]
-            for command, line in zip(script, await p.market.exec(activity.id, script, p.start_timeout_s)):
-                p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name)
-            # Only a worker that got to run is owed anything.
-            p.accountant.activity_started(agreement.id)
-            failed: asyncio.Future[Any] = asyncio.ensure_future(self._failed.wait())
+            await rental.run(self.command())
+            failed: asyncio.Future[Any] = asyncio.ensure_future(rental.failed.wait())
             waiting: set[asyncio.Future[Any]] = {registered, failed}
             try:
                 done, _ = await asyncio.wait(waiting, timeout=p.start_timeout_s,
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 failed.cancel()
-            if self._failed.is_set():
-                raise ActivityError(f"worker {self.name} died before joining the scheduler: {self._failure}")
+            if rental.failed.is_set():
+                raise ActivityError(f"worker {self.name} died before joining the scheduler: {rental.failure}")
             if registered not in done:
                 raise ActivityError(f"worker {self.name} did not join the scheduler within {p.start_timeout_s:g}s "
                                     "(golem.worker.start-timeout)")
             self.address = registered.result()
-            self._ready = True
+            rental.ready = True
+            assert self.deal is not None
             p.events.emit("worker", f"worker {self.name} ready at {self.address} "
-                          f"(agreement {agreement.id[:8]} with {self.deal.candidate.name})", worker=self.name)
+                          f"(agreement {self.deal.agreement.id[:8]} with {self.deal.candidate.name})",
+                          worker=self.name)
         except BaseException as e:
             self.error = e
             self.status = Status.failed
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._release(f"worker failed to start: {e}"), p.close_timeout_s)
+                await asyncio.wait_for(rental.release(f"worker failed to start: {e}"), p.close_timeout_s)
             raise
         await super().start()
-
-    async def _follow(self, activity_id: str) -> None:
-        async for activity in self.parts.market.activity_events(activity_id):
-            self.parts.events.emit("activity", f"{self.name}: activity {activity.state.value}", worker=self.name,
-                                   state=activity.state.value)
-            if activity.state in (ActivityState.FAILED, ActivityState.TERMINATED) and not self._released:
-                self._failure = activity.reason or activity.state.value
-                self._failed.set()
-                if self._ready:
-                    self.parts.on_lost(self.name, self._failure)
-                return
 
     async def close(self) -> None:
         if self.status == Status.closed:
             return
         try:
-            await asyncio.wait_for(self._release("worker retired"), self.parts.close_timeout_s)
+            if self.rental is not None:
+                await asyncio.wait_for(self.rental.release("worker retired"), self.parts.close_timeout_s)
         except asyncio.TimeoutError:
             logger.warning("closing worker %s took longer than %ss (golem.worker.close-timeout)",
                            self.name, self.parts.close_timeout_s)
         finally:
             await super().close()
-
-    async def _release(self, reason: str) -> None:
-        """Stop, terminate and settle; each step runs even if an earlier one failed."""
-        if self._released:
-            return
-        self._released = True
-        p = self.parts
-        agreement_id = self.agreement_id
-        if self.activity_id is not None and self._ready and p.collect:
-            # Outputs leave the sandbox before the sandbox goes.
-            outputs = await _attempt(p.market.exec(self.activity_id, p.collect, p.close_timeout_s),
-                                     f"collecting outputs of {self.name}")
-            if outputs is None:
-                p.events.emit("warning", f"outputs of {self.name} could not be collected; see the log")
-            else:
-                for line in outputs:
-                    p.events.emit("transfer", f"{self.name}: {line}", worker=self.name)
-        if self.activity_id is not None:
-            await _attempt(p.market.destroy_activity(self.activity_id), f"stopping {self.name}")
-        if agreement_id is not None:
-            p.accountant.activity_stopped(agreement_id)
-            await _attempt(p.market.terminate_agreement(agreement_id, reason), f"terminating {agreement_id}")
-            account = await _attempt(p.accountant.settle(p.market, agreement_id, p.invoice_timeout_s),
-                                     f"settling {agreement_id}")
-            if account is not None:
-                p.events.emit("worker", f"worker {self.name} released: {account.status.value}, "
-                              f"{account.amount} GLM", worker=self.name)
-        if self._watch is not None:
-            self._watch.cancel()
-        p.registrations.forget(self.name)
 
 
 async def _attempt(coro: Any, what: str) -> Any:

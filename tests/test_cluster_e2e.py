@@ -27,6 +27,7 @@ from golem_dask.market.local import LocalMarket
 from golem_dask.payment.base import from_wei
 from golem_dask.protocol import properties as P
 from golem_dask.provider.agent import ProviderAgent
+from golem_dask.worker import Rental
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("golem_config", "no_leaked_workers")]
 
@@ -238,17 +239,32 @@ def test_asynchronous_cluster() -> None:
     assert [e.status for e in cluster.bill().entries] == ["paid"]
 
 
-def test_agreements_negotiated_ahead_are_ended_when_no_worker_takes_them() -> None:
-    """The first workers' agreements are signed while the scheduler starts; one that no
-    worker took (the cluster closed first) is terminated and its reservation released."""
+def test_rentals_prepared_ahead_are_ended_when_no_worker_takes_them() -> None:
+    """The first workers' agreements are signed, and their activities started, while the
+    scheduler starts; a rental no worker took (the cluster closed first) is stopped, its
+    agreement terminated and its reservation released, and nothing is paid for it."""
     async def main() -> None:
         async with GolemCluster(n_workers=0, budget="1", asynchronous=True) as cluster:
             (agent,) = cluster.market.providers.values()
-            task = asyncio.create_task(cluster.negotiator.acquire("never-started"))
-            cluster._parts.early_deals["never-started"] = task
-            deal = await task
-            assert agent.live_agreements == [deal.agreement.id]
-            assert cluster.budget.reserved > 0
+            rental = Rental(cluster._parts, "never-started").prepare_soon()
+            cluster._parts.early["never-started"] = rental
+            await rental.prepared()
+            assert agent.live_agreements == [rental.deal.agreement.id]
+            assert rental.activity_id is not None and cluster.budget.reserved > 0
+        assert agent.live_agreements == []
+        assert cluster.budget.reserved == 0 and cluster.budget.spent == 0
+        assert [e.status for e in cluster.bill().entries] != ["paid"]
+
+    asyncio.run(main())
+
+
+def test_closing_while_a_rental_is_prepared_cancels_it_and_leaks_nothing() -> None:
+    async def main() -> None:
+        async with GolemCluster(n_workers=0, budget="1", asynchronous=True) as cluster:
+            (agent,) = cluster.market.providers.values()
+            rental = Rental(cluster._parts, "cut-short").prepare_soon()
+            cluster._parts.early["cut-short"] = rental
+            await asyncio.sleep(0)  # negotiation under way, nothing signed yet
         assert agent.live_agreements == []
         assert cluster.budget.reserved == 0 and cluster.budget.spent == 0
 

@@ -272,3 +272,100 @@ def test_embedded_default_picks_docker_when_the_engine_answers(docker_client):
                 assert our_containers(docker_client) == []
         (event,) = cluster.events.of_kind("runtime")
         assert "image golem-dask-test:absent is missing" in str(event) and "golem-dask image build" in str(event)
+
+
+# -- the activity lifecycle on the engine, without a cluster ----------------------------
+
+
+def _activity(runtime: DockerRuntime, image: str | None = None):
+    from golem_dask.protocol.properties import Resources
+    from golem_dask.protocol.messages import new_id
+
+    resources = Resources(cpu_threads=1, memory_bytes=2**30, storage_bytes=2**30)
+    return runtime.activity(new_id(), "agreement-under-test", resources, image)
+
+
+def _build(tmp_path: Path, tag: str, dockerfile: str) -> str:
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    subprocess.run(["docker", "build", "--network", "none", "-q", "-t", tag, str(tmp_path)], check=True,
+                   capture_output=True)
+    return tag
+
+
+def test_start_runs_the_container_with_the_agreed_limits_before_run(docker_client):
+    """`start` creates the container (limits, agreement label); it waits for `run`, and a
+    terminate before `run` removes it and bills nothing."""
+    import asyncio
+
+    runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
+    activity = _activity(runtime)
+
+    async def main() -> None:
+        await activity.deploy()
+        line = await activity.start()
+        (container,) = our_containers(docker_client)
+        assert container.short_id in line
+        assert container.status == "running"
+        assert container.labels[LABEL_AGREEMENT] == "agreement-under-test"
+        host = container.attrs["HostConfig"]
+        assert host["NanoCpus"] == 10**9 and host["Memory"] == 2**30
+        with pytest.raises(ActivityError, match="reserved for the provider"):
+            await activity.transfer("memory://anything", "/golem/.golem/entry.py")
+        await asyncio.sleep(1.0)  # the entry script loads dask meanwhile
+        await activity.terminate()
+
+    asyncio.run(main())
+    assert our_containers(docker_client) == []
+
+
+def test_terminate_during_a_cancelled_start_leaves_no_container(docker_client):
+    import asyncio
+
+    runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
+
+    async def main(delay: float) -> None:
+        activity = _activity(runtime)
+        start = asyncio.create_task(activity.start())
+        await asyncio.sleep(delay)  # the engine call runs in a thread, past cancellation
+        start.cancel()
+        await activity.terminate()
+        assert our_containers(docker_client) == [], f"a container outlived terminate (delay {delay})"
+
+    for delay in (0.0, 0.005, 0.02, 0.06):
+        asyncio.run(main(delay))
+
+
+def test_image_that_cannot_run_the_entry_script_fails_clearly(docker_client, tmp_path):
+    """No python on PATH: `start` fails and the created container goes.  No dask: the
+    worker fails to start with the container's own last words; it did run, for a moment,
+    and is paid for that moment only."""
+    import asyncio
+
+    no_python = _build(tmp_path, "golem-dask-test:no-python", f"FROM {default_tag()}\nENV PATH=/nowhere\n")
+    no_dask = _build(tmp_path, "golem-dask-test:no-dask",
+                     f"FROM {default_tag()}\nRUN rm -rf /opt/venv/lib/python3.11/site-packages/distributed\n")
+    runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
+    try:
+        async def main() -> None:
+            broken = _activity(runtime, no_python)
+            with pytest.raises(ActivityError, match="docker could not start golem-dask-test:no-python"):
+                await broken.start()
+            await broken.terminate()
+
+        asyncio.run(main())
+        assert our_containers(docker_client) == []
+
+        (agent,) = local_providers("erc20-devnet-glm", [PROVIDER], runtime="docker")
+        payer = EthereumPayer.embedded(Decimal(1))
+        with pytest.raises(ActivityError) as info:
+            GolemCluster(n_workers=1, runtime="docker", image=no_dask, market=LocalMarket([agent]), payer=payer)
+        message = str(info.value)
+        assert "died before joining the scheduler" in message and "exited with code 1" in message
+        assert "No module named 'distributed'" in message
+        assert agent.live_agreements == []
+        # 10 s of one CPU at these prices would be 0.000333 GLM.
+        assert 0 < from_wei(payer.token.functions.balanceOf(agent.id).call()) < Decimal("0.0003")
+    finally:
+        for tag in (no_python, no_dask):
+            docker_client.images.remove(tag, force=True)
+    assert our_containers(docker_client) == []

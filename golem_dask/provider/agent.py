@@ -121,6 +121,7 @@ class ProviderAgent:
         self._activities: dict[str, _Deal] = {}
         self._lock = asyncio.Lock()
         self._closed = False
+        self._startup: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<ProviderAgent {self.settings.name!r} {self.id} runtime={self.runtime.name}>"
@@ -189,13 +190,25 @@ class ProviderAgent:
             await self._link.withdraw(old.id)
 
     async def connect(self, link: ProviderLink) -> None:
-        """Join a market: clean up stale sandboxes, then publish the offer."""
+        """Join a market: publish the offer; stale sandboxes are cleaned up meanwhile.
+
+        The clean-up runs while the first negotiation does; no activity starts before it
+        has finished.
+        """
         self._link = link
-        removed = await self.runtime.cleanup(set(self._deals))
-        if removed:
-            logger.info("%s removed %d sandboxes of ended agreements", self, removed)
+        if self._startup is None:
+            self._startup = asyncio.create_task(self._start_up(), name=f"golem-provider-startup-{self.settings.name}")
         async with self._lock:
             await self._republish()
+
+    async def _start_up(self) -> None:
+        """Remove stale sandboxes and get the runtime ready (``warm_up``) side by side."""
+        try:
+            removed, _ = await asyncio.gather(self.runtime.cleanup(set(self._deals)), self.runtime.warm_up())
+            if removed:
+                logger.info("%s removed %d sandboxes of ended agreements", self, removed)
+        except Exception as e:  # the first activity reports a runtime that does not work
+            logger.warning("%s: runtime start-up failed: %s", self, e)
 
     async def close(self) -> None:
         """Withdraw the offer and end every agreement.  Safe to call twice."""
@@ -209,6 +222,8 @@ class ProviderAgent:
             with contextlib.suppress(Exception):
                 await self._link.withdraw(self.offer.id)
         self.offer = None
+        if self._startup is not None:
+            await asyncio.wait([self._startup])
         try:
             await self.runtime.close()
         except Exception:
@@ -341,6 +356,8 @@ class ProviderAgent:
             raise ActivityError(f"agreement {agreement_id} is not live on provider {self.settings.name}")
         if deal.activity is not None:
             raise ActivityError(f"agreement {agreement_id} already has an activity")
+        if self._startup is not None:
+            await asyncio.shield(self._startup)
         activity_id = new_id()
         image = deal.agreement.demand.properties.get(P.IMAGE)
         deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources, image)

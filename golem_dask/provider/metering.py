@@ -17,8 +17,11 @@ def _seconds(value: float | Decimal) -> Decimal:
 class UsageMeter:
     """Counts ``golem.usage.duration_sec`` and ``golem.usage.cpu_sec`` for one activity.
 
-    Duration runs from :meth:`start` to :meth:`stop` on a monotonic clock; CPU seconds
-    are whatever the runtime last measured (they only grow).
+    Duration runs from :meth:`start` (the ``run`` command) to :meth:`stop` on a monotonic
+    clock; CPU seconds are whatever the runtime last measured (they only grow), counted
+    only once the meter has started: an activity that never got to ``run`` (a failed
+    transfer, a cluster closed first) bills nothing, even if its container had begun
+    loading the worker's libraries.
 
     Examples
     --------
@@ -26,6 +29,8 @@ class UsageMeter:
     >>> m.start(); m.record_cpu(Decimal("1.5")); m.stop()
     >>> m.usage()[P.USAGE_CPU_SEC]
     Decimal('1.500')
+    >>> idle = UsageMeter(); idle.record_cpu(Decimal("0.7")); idle.usage()[P.USAGE_CPU_SEC]
+    Decimal('0')
     """
 
     def __init__(self) -> None:
@@ -46,7 +51,8 @@ class UsageMeter:
             self._stopped = time.monotonic()
 
     def record_cpu(self, cpu_seconds: Decimal) -> None:
-        self._cpu = max(self._cpu, _seconds(cpu_seconds))
+        if self._started is not None:
+            self._cpu = max(self._cpu, _seconds(cpu_seconds))
 
     def duration(self) -> Decimal:
         if self._started is None:

@@ -2,8 +2,8 @@
 
 A :class:`Runtime` belongs to a provider agent and makes one :class:`RuntimeActivity`
 per activity.  The activity follows Golem's exe-script: ``deploy`` (get the image or
-environment ready), ``start`` (create the sandbox), ``run`` (the long-running ``dask
-worker``), ``transfer`` (files in or out) and ``terminate`` (always, also after a
+environment ready), ``start`` (create the sandbox; the docker runtime also starts the
+container there), ``run`` (the long-running ``dask worker``), ``transfer`` (files in or out) and ``terminate`` (always, also after a
 failure).  Backends: ``process`` (a child process, no engine needed) and ``docker``.
 """
 
@@ -76,24 +76,25 @@ def worker_environ(threads: int) -> dict[str, str]:
     return environ
 
 
-def worker_command(
-    args: Sequence[str], threads: int, memory_bytes: int, python: Sequence[str], root: Path | None = None
+def worker_arguments(
+    args: Sequence[str], threads: int, memory_bytes: int, root: Path | None = None
 ) -> list[str]:
-    """The ``dask worker`` command line for the agreed resources.
+    """The arguments of ``dask worker`` for the agreed resources, from a ``run`` command's.
 
-    ``python`` is the interpreter to run; with ``root``, ``/golem/...`` arguments (TLS
-    files) are rewritten to the sandbox on the host.
+    ``args`` start with ``worker``; the provider's own ``--nthreads`` and
+    ``--memory-limit`` replace the requestor's.  With ``root``, ``/golem/...`` arguments
+    (TLS files) are rewritten to the sandbox on the host.
 
     Examples
     --------
-    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30, ["python"])
-    ['python', '-m', 'dask', 'worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
+    >>> worker_arguments(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30)
+    ['tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
     """
     if not args or args[0] != "worker":
         raise ActivityError(f"providers only run 'dask worker', not {list(args)[:2]}")
     kept: list[str] = []
     skip = False
-    for arg in args:
+    for arg in args[1:]:
         if skip:
             skip = False
             continue
@@ -102,7 +103,20 @@ def worker_command(
             skip = "=" not in arg
             continue
         kept.append(str(sandbox_path(root, arg)) if root is not None and is_sandbox(arg) else arg)
-    return [*python, "-m", "dask", *kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
+    return [*kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
+
+
+def worker_command(
+    args: Sequence[str], threads: int, memory_bytes: int, python: Sequence[str], root: Path | None = None
+) -> list[str]:
+    """The ``dask worker`` command line for the agreed resources, run by ``python``.
+
+    Examples
+    --------
+    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30, ["python"])
+    ['python', '-m', 'dask', 'worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
+    """
+    return [*python, "-m", "dask", "worker", *worker_arguments(args, threads, memory_bytes, root)]
 
 
 class RuntimeActivity(abc.ABC):
@@ -119,7 +133,7 @@ class RuntimeActivity(abc.ABC):
 
     @abc.abstractmethod
     async def start(self) -> str:
-        """Create the sandbox with the agreed limits."""
+        """Create the sandbox with the agreed limits (``run`` may follow in a later exe-script)."""
 
     @abc.abstractmethod
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
@@ -169,6 +183,9 @@ class Runtime(abc.ABC):
     async def cleanup(self, live_agreement_ids: set[str]) -> int:
         """Remove sandboxes left by agreements that are no longer live; returns how many."""
         return 0
+
+    async def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """Get ready for the first activity; runs when the agent joins a market, beside cleanup."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runtime holds beyond its activities; called when the agent closes."""

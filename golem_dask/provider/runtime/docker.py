@@ -1,10 +1,16 @@
 """The ``docker`` runtime: each activity is a container running ``dask worker``.
 
 Exe-script commands map onto the engine: ``deploy`` checks the image is present,
-``start`` makes the activity's sandbox (a host directory mounted at ``/golem``),
-``transfer`` streams files between fsspec URLs and the sandbox, ``run`` creates and starts
-the container with the agreed limits (``nano_cpus``, ``mem_limit``) and labels naming the
-agreement, and ``terminate`` stops and removes it, always.
+``start`` makes the activity's sandbox (a host directory mounted at ``/golem``) and
+creates and starts the container with the agreed limits (``nano_cpus``, ``mem_limit``)
+and labels naming the agreement, ``transfer`` streams files between fsspec URLs and the
+sandbox, ``run`` starts ``dask worker`` in the container, and ``terminate`` stops and
+removes it, always.
+
+Between ``start`` and ``run`` the container's entry script (``container_entry.py``)
+imports ``distributed``, so most of a worker's start-up overlaps the requestor's own
+(scheduler, input files); ``run`` hands it the worker's arguments through a pipe in the
+sandbox.
 
 CPU time comes from the engine's accounting of the container.  Containers carry labels,
 so a provider that starts up removes those left behind by a provider process that died.
@@ -14,10 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -31,7 +42,7 @@ from golem_dask.provider.runtime.base import (
     Runtime,
     RuntimeActivity,
     transfer_into_sandbox,
-    worker_command,
+    worker_arguments,
     worker_environ,
 )
 
@@ -43,6 +54,12 @@ LABEL_ACTIVITY = "golem-dask.activity"
 LABEL_PROVIDER = "golem-dask.provider"
 LABEL_AGENT_PID = "golem-dask.agent-pid"
 LABEL_VERSIONS = "golem-dask.versions"
+#: In the sandbox: the container's entry script and the pipe that carries ``run``.
+CONTROL_DIR = ".golem"
+#: How long ``run`` waits for the container's entry script to open its order pipe.
+ORDER_TIMEOUT_S = 60.0
+#: How long ``deploy`` trusts an earlier check that the image is present.
+IMAGE_CHECK_TTL_S = 30.0
 
 
 def _docker() -> Any:
@@ -57,8 +74,9 @@ def engine(timeout_s: float = 5.0) -> Any:
     """A connected docker client, or ActivityError saying how to start the engine."""
     docker = _docker()
     try:
+        # Without a pinned API version the client asks the engine for its own: that
+        # request is the check that the engine answers.
         client = docker.from_env(timeout=int(max(1, timeout_s)))
-        client.ping()
     except docker.errors.DockerException as e:
         raise ActivityError(
             f"no Docker engine answers ({e}); start dockerd, or use runtime='process'"
@@ -67,7 +85,7 @@ def engine(timeout_s: float = 5.0) -> Any:
 
 
 class DockerActivity(RuntimeActivity):
-    """One activity: a sandbox directory and, once running, a container."""
+    """One activity: a sandbox directory and, from ``start``, a container."""
 
     def __init__(
         self, runtime: DockerRuntime, activity_id: str, agreement_id: str, resources: Resources, image: str
@@ -79,61 +97,123 @@ class DockerActivity(RuntimeActivity):
         self.container: Any = None
         self._cpu = Decimal(0)
         self._logs = ""
+        self._ran = False
+        # Held while the container is made and while it is stopped: a terminate that
+        # arrives mid-creation (a cancelled start) waits for the container, then removes it.
+        self._engine_lock = threading.Lock()
+        self._terminated = False
 
     async def deploy(self) -> str:
-        image = await asyncio.to_thread(self.runtime.image_info, self.image)
+        image = await self.runtime.check_image(self.image)
         return f"image {self.image} ({image.short_id})"
 
     async def start(self) -> str:
-        self.root = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self.runtime.root))
-        for sub in ("input", "output", "tls"):
-            (self.root / sub).mkdir()
-        return f"sandbox {self.root} mounted at {SANDBOX}"
+        """Sandbox, then the container: it imports dask while the files come in."""
+        root = self.root = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self.runtime.root))
+        for sub in ("input", "output", "tls", CONTROL_DIR):
+            (root / sub).mkdir()
+        shutil.copyfile(Path(__file__).with_name("container_entry.py"), root / CONTROL_DIR / "entry.py")
+        os.mkfifo(root / CONTROL_DIR / "order", 0o600)
+        container = await asyncio.to_thread(self._create)
+        return f"container {container.short_id} with sandbox {root} mounted at {SANDBOX}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
         if self.root is None:
             raise ActivityError("transfer before start: the exe-script must start the activity first")
+        if posixpath.normpath(destination).startswith(f"{SANDBOX}/{CONTROL_DIR}"):
+            raise ActivityError(f"{destination!r} is reserved for the provider; write elsewhere under {SANDBOX}/")
         return await transfer_into_sandbox(self.root, source, destination, options)
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
         if entry_point != "dask":
             raise ActivityError(f"the docker runtime only runs 'dask', not {entry_point!r}")
-        if self.root is None:
+        if self.root is None or self.container is None:
             raise ActivityError("run before start: the exe-script must start the activity first")
+        if self._ran:
+            raise ActivityError("this activity already runs dask worker; create a new activity for another")
         r = self.resources
-        command = worker_command(args, r.cpu_threads, r.memory_bytes, ["python"])
-        self.container = await asyncio.to_thread(self._create, command, {**env, **worker_environ(r.cpu_threads)})
-        return f"container {self.container.short_id}"
+        order = {"args": worker_arguments(args, r.cpu_threads, r.memory_bytes), "env": dict(env)}
+        await asyncio.to_thread(self._send_order, (json.dumps(order) + "\n").encode())
+        self._ran = True
+        return f"dask worker in container {self.container.short_id}"
 
-    def _create(self, command: list[str], environment: dict[str, str]) -> Any:
+    def _create(self) -> Any:
         rt = self.runtime
-        kwargs: dict[str, Any] = dict(
-            image=self.image,
-            command=command,
-            detach=True,
-            name=f"golem-{self.activity_id[:12]}",
-            labels={
-                LABEL: "1",
-                LABEL_AGREEMENT: self.agreement_id,
-                LABEL_ACTIVITY: self.activity_id,
-                LABEL_PROVIDER: rt.provider_name,
-                LABEL_AGENT_PID: str(os.getpid()),
-            },
+        api = rt.client.api
+        host_config: dict[str, Any] = dict(
             nano_cpus=int(self.resources.cpu_threads * 1e9),
             mem_limit=int(self.resources.memory_bytes),
-            volumes={str(self.root): {"bind": SANDBOX, "mode": "rw"}},
-            environment=environment,
-            working_dir=SANDBOX,
+            binds={str(self.root): {"bind": SANDBOX, "mode": "rw"}},
         )
         if rt.network == "host":
-            kwargs["network_mode"] = "host"
+            host_config["network_mode"] = "host"
         else:
-            kwargs["network"] = rt.network
-            kwargs["extra_hosts"] = {"host.docker.internal": "host-gateway"}
+            host_config["network_mode"] = rt.network
+            host_config["extra_hosts"] = {"host.docker.internal": "host-gateway"}
+        with self._engine_lock:
+            if self._terminated:
+                raise ActivityError("the activity was terminated while it started")
+            try:
+                created = api.create_container(
+                    self.image,
+                    ["python", f"{SANDBOX}/{CONTROL_DIR}/entry.py", f"{SANDBOX}/{CONTROL_DIR}/order"],
+                    name=f"golem-{self.activity_id[:12]}",
+                    labels={
+                        LABEL: "1",
+                        LABEL_AGREEMENT: self.agreement_id,
+                        LABEL_ACTIVITY: self.activity_id,
+                        LABEL_PROVIDER: rt.provider_name,
+                        LABEL_AGENT_PID: str(os.getpid()),
+                    },
+                    # Thread pools are sized when numpy is imported, before the run command.
+                    environment=worker_environ(self.resources.cpu_threads),
+                    working_dir=SANDBOX,
+                    host_config=api.create_host_config(**host_config),
+                )
+                # Recorded before it starts: a failed start still leaves a container
+                # that terminate knows about and removes.
+                self.container = rt.client.containers.prepare_model({"Id": created["Id"]})
+                api.start(created["Id"])
+            except _docker().errors.DockerException as e:
+                raise ActivityError(f"docker could not start {self.image}: {e}") from e
+            return self.container
+
+    def _send_order(self, payload: bytes) -> None:
+        """Hand the run command to the container's entry script through its order pipe."""
+        assert self.root is not None
+        pipe = self.root / CONTROL_DIR / "order"
+        deadline = time.monotonic() + ORDER_TIMEOUT_S
+        next_check = time.monotonic() + 0.1
+        while True:
+            try:
+                # Non-blocking: fails with ENXIO until the entry script has the pipe open.
+                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise ActivityError(f"cannot send the run command to the container: {e}") from e
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.1
+                if self._exited() or now >= deadline:
+                    tail = "\n".join(self.logs().splitlines()[-20:])
+                    raise ActivityError(f"the container of {self.image} did not take the run command "
+                                        f"(does the image have python and dask?)\n{tail}")
+            time.sleep(0.002)
         try:
-            return rt.client.containers.run(**kwargs)
-        except _docker().errors.DockerException as e:
-            raise ActivityError(f"docker could not start {self.image}: {e}") from e
+            os.set_blocking(fd, True)
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def _exited(self) -> bool:
+        try:
+            self.container.reload()
+        except _docker().errors.DockerException:
+            return True
+        return bool(self.container.status in ("exited", "dead"))
 
     def _sample(self) -> Decimal:
         if self.container is None:
@@ -150,7 +230,7 @@ class DockerActivity(RuntimeActivity):
         return await asyncio.to_thread(self._sample)
 
     async def wait(self) -> int:
-        if self.container is None:
+        if self.container is None or not self._ran:
             raise ActivityError("nothing runs in this activity")
         try:
             result = await asyncio.to_thread(self.container.wait)
@@ -159,7 +239,9 @@ class DockerActivity(RuntimeActivity):
         return int(result.get("StatusCode", -1))
 
     def _stop(self) -> None:
-        container = self.container
+        with self._engine_lock:
+            self._terminated = True
+            container = self.container
         if container is not None:
             errors = _docker().errors
             # Sample just before stopping: after that the engine forgets the usage.
@@ -210,6 +292,7 @@ class DockerRuntime(Runtime):
         self.provider_name = provider_name
         self.root = root
         self._client: Any = client  # a connected docker client, or None to connect on first use
+        self._images: dict[str, tuple[float, Any]] = {}  # image -> (when checked, record)
 
     def __repr__(self) -> str:
         return f"<DockerRuntime image={self.image!r} network={self.network!r}>"
@@ -227,18 +310,40 @@ class DockerRuntime(Runtime):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(client.close)
 
+    def _checked(self, image: str) -> Any:
+        found = self._images.get(image)
+        if found is not None and time.monotonic() - found[0] < IMAGE_CHECK_TTL_S:
+            return found[1]
+        return None
+
     def image_info(self, image: str | None = None) -> Any:
-        """The engine's record of ``image`` (default: this runtime's), or ActivityError."""
+        """The engine's record of ``image`` (default: this runtime's), or ActivityError.
+
+        A record found in the last :data:`IMAGE_CHECK_TTL_S` seconds is reused.
+        """
         image = image or self.image
+        record = self._checked(image)
+        if record is not None:
+            return record
         errors = _docker().errors
         try:
-            return self.client.images.get(image)
+            record = self.client.images.get(image)
         except errors.ImageNotFound as e:
             raise ActivityError(
                 f"image {image!r} is not on this machine; build it with 'golem-dask image build'"
             ) from e
         except errors.DockerException as e:
             raise ActivityError(f"docker could not inspect {image!r}: {e}") from e
+        self._images[image] = (time.monotonic(), record)
+        return record
+
+    async def check_image(self, image: str | None = None) -> Any:
+        """:meth:`image_info`, without a thread when an earlier answer is still fresh."""
+        record = self._checked(image or self.image)
+        return record if record is not None else await asyncio.to_thread(self.image_info, image)
+
+    async def warm_up(self) -> None:
+        await self.check_image()
 
     def properties(self) -> dict[str, Any]:
         return {"golem.runtime.docker.network": self.network}
