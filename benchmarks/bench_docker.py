@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import finish, log, median, paired_median, quiet_logs, report_targets, spread
+from _common import (bootstrap_interval, finish, geometric_mean, log, median, paired_median, quiet_logs,
+                     report_targets, spread)
 import dask
 import xxhash
 from distributed import Scheduler  # imported before quiet_logs(): its import sets log levels
@@ -337,11 +338,14 @@ def bench_startup(ns: Sequence[int], repeats: int, warmup_ns: Sequence[int], con
     for n in ns:
         s = samples[n]
         m = {k: median(v) for k, v in s.items()}
+        per_round = [g / f for g, f in zip(s["golem"], s["floor"], strict=True)]
         entry: dict[str, Any] = {
             "samples_s": s,
             "median_s": m,
             "ratio_golem_floor": m["golem"] / m["floor"],
             "paired_ratio_golem_floor": paired_median(s["golem"], s["floor"]),
+            "geomean_ratio_golem_floor": geometric_mean(per_round),
+            "geomean_ratio_golem_floor_ci95": bootstrap_interval(per_round),
             "ratio_golem_tcp_floor": m["golem_tcp"] / m["floor"],
             "tls_overhead_s": m["golem"] - m["golem_tcp"],
         }
@@ -536,12 +540,15 @@ def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repe
             log(f"   {k:<10} {STARTUP_KINDS[k]}")
         header = "".join(f"  {k:>17}" for k in kinds)
         extra = "  Golem/floorTLS" if "floor_tls" in kinds else ""
-        log(f"   {'N':>2}{header}  {'Golem/floor':>11}  {'paired':>6}  {'tcp/floor':>9}  {'TLS cost':>8}{extra}")
+        log(f"   {'N':>2}{header}  {'Golem/floor':>11}  {'paired':>6}  {'geomean [95% CI]':>22}  {'tcp/floor':>9}  "
+            f"{'TLS cost':>8}{extra}")
         for n, r in startup.items():
             s, m = r["samples_s"], r["median_s"]
             cells = "".join(f"  {f'{m[k]:5.2f} [{spread(s[k])}]':>17}" for k in kinds)
             tail = f"  {r['ratio_golem_floor_tls']:>14.3f}" if "floor_tls" in kinds else ""
-            log(f"   {n:>2}{cells}  {r['ratio_golem_floor']:>11.3f}  {r['paired_ratio_golem_floor']:>6.3f}  "
+            low, high = r["geomean_ratio_golem_floor_ci95"]
+            geo = f"{r['geomean_ratio_golem_floor']:.3f} [{low:.3f}-{high:.3f}]"
+            log(f"   {n:>2}{cells}  {r['ratio_golem_floor']:>11.3f}  {r['paired_ratio_golem_floor']:>6.3f}  {geo:>22}  "
                 f"{r['ratio_golem_tcp_floor']:>9.3f}  {r['tls_overhead_s']:>+7.2f}s{tail}")
             targets.append({
                 "name": f"start-up N={n}: GolemCluster (TLS) / bare floor (TCP) <= {STARTUP_TARGET:.2f}",
