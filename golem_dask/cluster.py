@@ -449,7 +449,10 @@ class GolemCluster(SpecCluster):
                     # Building the scheduler holds the event loop for ~15 ms: let the
                     # rentals send their exe-scripts first (the embedded market signs in
                     # milliseconds; a remote one gets at most HEAD_START_S).
-                    await asyncio.wait([asyncio.ensure_future(r.under_way()) for r in early], timeout=HEAD_START_S)
+                    waiters = [asyncio.ensure_future(r.under_way()) for r in early]
+                    await asyncio.wait(waiters, timeout=HEAD_START_S)
+                    for waiter in waiters:
+                        waiter.cancel()
             except BaseException:
                 await self._golem_close()
                 raise

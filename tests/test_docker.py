@@ -244,10 +244,14 @@ def test_sigint_to_the_requestor_leaves_no_container(docker_client, tmp_path):
     assert our_containers(docker_client) == []
 
 
-def test_provider_start_removes_containers_of_dead_agents(docker_client):
+def test_provider_start_removes_containers_of_dead_agents(docker_client, tmp_path):
+    sandbox = tmp_path / "golem-deadbeef-sandbox"
+    (sandbox / "input").mkdir(parents=True)
+    (sandbox / "input" / "data.csv").write_text("a,b\n1,2\n")
     leftover = docker_client.containers.run(
         default_tag(), ["sleep", "300"], detach=True, network_mode="none",
         labels={LABEL: "1", LABEL_AGREEMENT: "gone", LABEL_AGENT_PID: "999999999"},
+        volumes={str(sandbox): {"bind": "/golem", "mode": "rw"}},
     )
     runtime = DockerRuntime(default_tag(), provider_name="dock")
     import asyncio
@@ -255,6 +259,7 @@ def test_provider_start_removes_containers_of_dead_agents(docker_client):
     removed = asyncio.run(runtime.cleanup(set()))
     assert removed == 1
     assert leftover.id not in [c.id for c in our_containers(docker_client)]
+    assert not sandbox.exists() and tmp_path.exists()
 
 
 def test_embedded_default_picks_docker_when_the_engine_answers(docker_client):

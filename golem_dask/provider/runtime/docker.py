@@ -369,6 +369,11 @@ class DockerRuntime(Runtime):
                     removed += 1
                     logger.info("removed leftover container %s of agreement %s", container.short_id,
                                 labels.get(LABEL_AGREEMENT))
+                    # Its sandbox (input files, certificates) goes too.
+                    for mount in container.attrs.get("Mounts") or ():
+                        source = Path(mount.get("Source") or "")
+                        if mount.get("Destination") == SANDBOX and source.name.startswith("golem-"):
+                            shutil.rmtree(source, ignore_errors=True)
         return removed
 
     async def cleanup(self, live_agreement_ids: set[str]) -> int:
