@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
+import json
+import os
 import posixpath
-from collections.abc import Mapping, Sequence
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,10 @@ from golem_dask.transfer import display_url
 SANDBOX = "/golem"
 #: Options the provider sets itself from the agreement; a requestor's values are dropped.
 _ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
+#: In the sandbox, reserved for the provider: the worker's entry script and its order pipe.
+CONTROL_DIR = ".golem"
+#: How long ``run`` waits for the entry script to open its order pipe.
+ORDER_TIMEOUT_S = 60.0
 
 
 def sandbox_path(root: Path, path: str) -> Path:
@@ -50,6 +59,8 @@ async def transfer_into_sandbox(
     """Copy between a URL and the sandbox, either way; ``options`` go to the URL's side."""
     from golem_dask.transfer import copy
 
+    if posixpath.normpath(destination).startswith(f"{SANDBOX}/{CONTROL_DIR}"):
+        raise ActivityError(f"{destination!r} is reserved for the provider; write elsewhere under {SANDBOX}/")
     if is_sandbox(destination) and not is_sandbox(source):
         target = str(sandbox_path(root, destination)) + ("/" if destination.endswith("/") else "")
         result = await asyncio.to_thread(copy, source, target, source_options=options)
@@ -106,17 +117,71 @@ def worker_arguments(
     return [*kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
 
 
-def worker_command(
-    args: Sequence[str], threads: int, memory_bytes: int, python: Sequence[str], root: Path | None = None
-) -> list[str]:
-    """The ``dask worker`` command line for the agreed resources, run by ``python``.
+def make_control_dir(root: Path) -> tuple[Path, Path]:
+    """The worker's entry script and an empty order pipe, in ``root/.golem``.
+
+    Returns the paths of both on this machine.  ``worker_entry.py`` is copied, not
+    imported: it runs with the worker's Python (an image's, without golem-dask).
+    """
+    control = root / CONTROL_DIR
+    control.mkdir()
+    script, pipe = control / "entry.py", control / "order"
+    shutil.copyfile(Path(__file__).with_name("worker_entry.py"), script)
+    os.mkfifo(pipe, 0o600)
+    return script, pipe
+
+
+def run_order(args: Sequence[str], env: Mapping[str, str], threads: int, memory_bytes: int,
+              root: Path | None = None) -> bytes:
+    """The line a ``run`` command sends to the entry script.
+
+    ``dask worker``'s arguments for the agreed resources, and the requestor's extra
+    environment minus the thread-pool settings the provider fixed when it started the
+    worker's process (see :func:`worker_environ`).
 
     Examples
     --------
-    >>> worker_command(["worker", "tcp://a:1", "--nthreads", "64"], 2, 2**30, ["python"])
-    ['python', '-m', 'dask', 'worker', 'tcp://a:1', '--nthreads', '2', '--memory-limit', '1073741824']
+    >>> run_order(["worker", "tcp://a:1"], {"OMP_NUM_THREADS": "64", "X": "1"}, 2, 2**30)
+    b'{"args": ["tcp://a:1", "--nthreads", "2", "--memory-limit", "1073741824"], "env": {"X": "1"}}\\n'
     """
-    return [*python, "-m", "dask", "worker", *worker_arguments(args, threads, memory_bytes, root)]
+    fixed = worker_environ(threads)
+    order = {
+        "args": worker_arguments(args, threads, memory_bytes, root),
+        "env": {str(k): str(v) for k, v in env.items() if k not in fixed},
+    }
+    return (json.dumps(order) + "\n").encode()
+
+
+def send_order(pipe: Path, payload: bytes, exited: Callable[[], bool], failure: Callable[[], str]) -> None:
+    """Write ``payload`` into the entry script's order pipe (blocking; run it in a thread).
+
+    The pipe has no reader until the entry script opens it, a few tens of milliseconds
+    after its process starts; ``exited`` is asked every 0.1 s meanwhile, and if the
+    process is gone (or :data:`ORDER_TIMEOUT_S` passes) ActivityError carries ``failure()``.
+    """
+    deadline = time.monotonic() + ORDER_TIMEOUT_S
+    next_check = time.monotonic() + 0.1
+    while True:
+        try:
+            # Non-blocking: fails with ENXIO while nobody has the pipe open for reading.
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise ActivityError(f"cannot send the run command to the worker's process: {e}") from e
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + 0.1
+            if exited() or now >= deadline:
+                raise ActivityError(failure())
+        time.sleep(0.002)
+    try:
+        os.set_blocking(fd, True)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class RuntimeActivity(abc.ABC):

@@ -7,7 +7,7 @@ and labels naming the agreement, ``transfer`` streams files between fsspec URLs 
 sandbox, ``run`` starts ``dask worker`` in the container, and ``terminate`` stops and
 removes it, always.
 
-Between ``start`` and ``run`` the container's entry script (``container_entry.py``)
+Between ``start`` and ``run`` the container's entry script (``worker_entry.py``)
 imports ``distributed``, so most of a worker's start-up overlaps the requestor's own
 (scheduler, input files); ``run`` hands it the worker's arguments through a pipe in the
 sandbox.
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import json
 import logging
 import os
-import posixpath
 import shutil
 import tempfile
 import threading
@@ -38,11 +35,14 @@ from golem_dask import config
 from golem_dask.errors import ActivityError, ConfigError
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.runtime.base import (
+    CONTROL_DIR,
     SANDBOX,
     Runtime,
     RuntimeActivity,
+    make_control_dir,
+    run_order,
+    send_order,
     transfer_into_sandbox,
-    worker_arguments,
     worker_environ,
 )
 
@@ -54,10 +54,6 @@ LABEL_ACTIVITY = "golem-dask.activity"
 LABEL_PROVIDER = "golem-dask.provider"
 LABEL_AGENT_PID = "golem-dask.agent-pid"
 LABEL_VERSIONS = "golem-dask.versions"
-#: In the sandbox: the container's entry script and the pipe that carries ``run``.
-CONTROL_DIR = ".golem"
-#: How long ``run`` waits for the container's entry script to open its order pipe.
-ORDER_TIMEOUT_S = 60.0
 #: How long ``deploy`` trusts an earlier check that the image is present.
 IMAGE_CHECK_TTL_S = 30.0
 
@@ -97,6 +93,7 @@ class DockerActivity(RuntimeActivity):
         self.container: Any = None
         self._cpu = Decimal(0)
         self._logs = ""
+        self._pipe: Path | None = None
         self._ran = False
         # Held while the container is made and while it is stopped: a terminate that
         # arrives mid-creation (a cancelled start) waits for the container, then removes it.
@@ -110,30 +107,26 @@ class DockerActivity(RuntimeActivity):
     async def start(self) -> str:
         """Sandbox, then the container: it imports dask while the files come in."""
         root = self.root = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self.runtime.root))
-        for sub in ("input", "output", "tls", CONTROL_DIR):
+        for sub in ("input", "output", "tls"):
             (root / sub).mkdir()
-        shutil.copyfile(Path(__file__).with_name("container_entry.py"), root / CONTROL_DIR / "entry.py")
-        os.mkfifo(root / CONTROL_DIR / "order", 0o600)
+        self._pipe = make_control_dir(root)[1]
         container = await asyncio.to_thread(self._create)
         return f"container {container.short_id} with sandbox {root} mounted at {SANDBOX}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
         if self.root is None:
             raise ActivityError("transfer before start: the exe-script must start the activity first")
-        if posixpath.normpath(destination).startswith(f"{SANDBOX}/{CONTROL_DIR}"):
-            raise ActivityError(f"{destination!r} is reserved for the provider; write elsewhere under {SANDBOX}/")
         return await transfer_into_sandbox(self.root, source, destination, options)
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
         if entry_point != "dask":
             raise ActivityError(f"the docker runtime only runs 'dask', not {entry_point!r}")
-        if self.root is None or self.container is None:
+        if self._pipe is None or self.container is None:
             raise ActivityError("run before start: the exe-script must start the activity first")
         if self._ran:
             raise ActivityError("this activity already runs dask worker; create a new activity for another")
-        r = self.resources
-        order = {"args": worker_arguments(args, r.cpu_threads, r.memory_bytes), "env": dict(env)}
-        await asyncio.to_thread(self._send_order, (json.dumps(order) + "\n").encode())
+        order = run_order(args, env, self.resources.cpu_threads, self.resources.memory_bytes)
+        await asyncio.to_thread(send_order, self._pipe, order, self._exited, self._not_taken)
         self._ran = True
         return f"dask worker in container {self.container.short_id}"
 
@@ -178,35 +171,9 @@ class DockerActivity(RuntimeActivity):
                 raise ActivityError(f"docker could not start {self.image}: {e}") from e
             return self.container
 
-    def _send_order(self, payload: bytes) -> None:
-        """Hand the run command to the container's entry script through its order pipe."""
-        assert self.root is not None
-        pipe = self.root / CONTROL_DIR / "order"
-        deadline = time.monotonic() + ORDER_TIMEOUT_S
-        next_check = time.monotonic() + 0.1
-        while True:
-            try:
-                # Non-blocking: fails with ENXIO until the entry script has the pipe open.
-                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise ActivityError(f"cannot send the run command to the container: {e}") from e
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 0.1
-                if self._exited() or now >= deadline:
-                    tail = "\n".join(self.logs().splitlines()[-20:])
-                    raise ActivityError(f"the container of {self.image} did not take the run command "
-                                        f"(does the image have python and dask?)\n{tail}")
-            time.sleep(0.002)
-        try:
-            os.set_blocking(fd, True)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+    def _not_taken(self) -> str:
+        tail = "\n".join(self.logs().splitlines()[-20:])
+        return f"the container of {self.image} did not take the run command (does the image have python and dask?)\n{tail}"
 
     def _exited(self) -> bool:
         try:

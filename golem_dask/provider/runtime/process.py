@@ -1,5 +1,8 @@
 """The ``process`` runtime: ``dask worker`` as a child process of the provider agent.
 
+``start`` starts the child (``worker_entry.py``), which loads dask until ``run`` sends
+it the worker's arguments.
+
 No engine is needed, so this is the embedded default where Docker is absent.  There is
 no sandbox beyond a working directory: sell it only to requestors you trust (on one
 machine, yourself).  The agreed threads and memory are enforced by the command line the
@@ -32,8 +35,10 @@ from golem_dask.errors import ActivityError
 from golem_dask.provider.runtime.base import (
     Runtime,
     RuntimeActivity,
+    make_control_dir,
+    run_order,
+    send_order,
     transfer_into_sandbox,
-    worker_command,
     worker_environ,
 )
 
@@ -52,37 +57,48 @@ class ProcessActivity(RuntimeActivity):
         self._ps: psutil.Process | None = None
         self._cpu = Decimal(0)
         self._log_path: Path | None = None
+        self._pipe: Path | None = None
+        self._ran = False
 
     async def deploy(self) -> str:
         return f"python {sys.version.split()[0]} at {sys.executable}"
 
     async def start(self) -> str:
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self._root))
-        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()} 0")
-        return f"working directory {self.workdir}"
-
-    async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
-        if entry_point != "dask":
-            raise ActivityError(f"the process runtime only runs 'dask', not {entry_point!r}")
-        if self.workdir is None:
-            raise ActivityError("run before start: the exe-script must start the activity first")
-        cmd = worker_command(args, self.resources.cpu_threads, self.resources.memory_bytes, [sys.executable], self.workdir)
-        self._log_path = self.workdir / "worker.log"
+        """Working directory, then the worker's process: it loads dask while files come in."""
+        workdir = self.workdir = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self._root))
+        (workdir / OWNER_FILE).write_text(f"{os.getpid()} 0")
+        script, self._pipe = make_control_dir(workdir)
+        self._log_path = workdir / "worker.log"
         with open(self._log_path, "wb") as log:
             # A session of its own: a Ctrl-C meant for the requestor's terminal must not
             # kill workers behind the agent's back; the agent stops them itself.
             self._process = await asyncio.create_subprocess_exec(
-                *cmd,
-                cwd=self.workdir,
-                env={**os.environ, **env, **worker_environ(self.resources.cpu_threads)},
+                sys.executable, str(script), str(self._pipe),
+                cwd=workdir,
+                env={**os.environ, **worker_environ(self.resources.cpu_threads)},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
         self._ps = psutil.Process(self._process.pid)
-        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()} {self._process.pid}")
-        return f"pid {self._process.pid}: {' '.join(cmd[3:5])}"
+        (workdir / OWNER_FILE).write_text(f"{os.getpid()} {self._process.pid}")
+        return f"working directory {workdir}, pid {self._process.pid}"
+
+    async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
+        if entry_point != "dask":
+            raise ActivityError(f"the process runtime only runs 'dask', not {entry_point!r}")
+        if self._pipe is None or self._process is None:
+            raise ActivityError("run before start: the exe-script must start the activity first")
+        if self._ran:
+            raise ActivityError("this activity already runs dask worker; create a new activity for another")
+        process = self._process
+        order = run_order(args, env, self.resources.cpu_threads, self.resources.memory_bytes, self.workdir)
+        await asyncio.to_thread(send_order, self._pipe, order, lambda: process.returncode is not None,
+                                lambda: "the worker's process exited before the run command:\n"
+                                + "\n".join(self.logs().splitlines()[-20:]))
+        self._ran = True
+        return f"dask worker in pid {process.pid}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
         if self.workdir is None:
@@ -101,7 +117,7 @@ class ProcessActivity(RuntimeActivity):
         return self._sample_cpu()
 
     async def wait(self) -> int:
-        if self._process is None:
+        if self._process is None or not self._ran:
             raise ActivityError("nothing runs in this activity")
         return await self._process.wait()
 

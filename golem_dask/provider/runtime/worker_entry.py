@@ -1,15 +1,16 @@
-"""The first process of a golem-dask worker container.
+"""The first process of a rented worker: loads dask, then waits for ``run``.
 
-The docker runtime starts the container at the exe-script's ``start`` command, with this
-script as its command (copied into the sandbox: golem-dask itself is not installed in
-worker images, so it uses only the standard library and the image's ``distributed``).
+Both runtimes start this script at the exe-script's ``start`` command (the docker
+runtime as the container's command, the process runtime as a child process), from a
+copy in the sandbox: golem-dask itself is not installed in worker images, so it uses
+only the standard library and the worker's own ``distributed``.
 
 The script opens its order pipe, then imports ``distributed`` (most of a worker's
 start-up time) while the requestor is still starting its scheduler and sending the input
 files.  The ``run`` command writes one line of JSON to the pipe,
 ``{"args": [...], "env": {...}}``: the arguments of ``dask worker`` and extra environment.
 The script then runs ``dask worker`` with those arguments in this same process, so the
-container's exit code is the worker's.
+process's exit code is the worker's.
 
 Usage: ``python entry.py ORDER_PIPE``
 """
@@ -40,8 +41,8 @@ def main() -> None:
     # Read-write: the open does not wait for a writer, and the pipe never reports
     # end-of-file while this process waits (it holds a write end itself).
     fd = os.open(sys.argv[1], os.O_RDWR)
-    # As PID 1 of the container, a signal without a handler would be ignored; until
-    # dask worker installs its own, SIGTERM (docker stop) ends the wait at once.
+    # As PID 1 of a container, a signal without a handler would be ignored; until dask
+    # worker installs its own, SIGTERM (docker stop, or the provider) ends the wait at once.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
     from distributed.cli.dask_worker import main as dask_worker
 
