@@ -127,8 +127,9 @@ class Rental:
             sent.cancel()
 
     async def prepared(self) -> None:
-        """Wait for the background :meth:`prepare`, or run it now if none was started."""
-        await (self._preparing if self._preparing is not None else self.prepare())
+        """Wait for the background :meth:`prepare` (see :meth:`prepare_soon`)."""
+        assert self._preparing is not None, "prepare_soon() first"
+        await self._preparing
 
     async def prepare(self) -> None:
         p = self.parts
@@ -271,7 +272,8 @@ class GolemWorker(ProcessInterface):
 
     async def start(self) -> None:
         p = self.parts
-        rental = self.rental = p.early.pop(self.name, None) or Rental(p, self.name)
+        # As a task even when not prepared ahead: a close() meanwhile cancels it cleanly.
+        rental = self.rental = p.early.pop(self.name, None) or Rental(p, self.name).prepare_soon()
         try:
             await rental.prepared()
             registered = p.registrations.expect(self.name)

@@ -351,13 +351,13 @@ class ProviderAgent:
 
     async def create_activity(self, agreement_id: str) -> Activity:
         """Create the one activity an agreement allows."""
+        if self._startup is not None:  # first, so nothing below waits between check and use
+            await asyncio.shield(self._startup)
         deal = self._deals.get(agreement_id)
         if deal is None or deal.ending:
             raise ActivityError(f"agreement {agreement_id} is not live on provider {self.settings.name}")
         if deal.activity is not None:
             raise ActivityError(f"agreement {agreement_id} already has an activity")
-        if self._startup is not None:
-            await asyncio.shield(self._startup)
         activity_id = new_id()
         image = deal.agreement.demand.properties.get(P.IMAGE)
         deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources, image)
