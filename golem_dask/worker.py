@@ -99,7 +99,6 @@ class Rental:
         self.name = name
         self.deal: Deal | None = None
         self.activity_id: str | None = None
-        self.running = False
         self.ready = False  # the worker joined the scheduler: losing it is news
         self.failed = asyncio.Event()
         self.failure = ""
@@ -146,7 +145,6 @@ class Rental:
         assert self.deal is not None and self.activity_id is not None
         env = {"GOLEM_AGREEMENT_ID": self.deal.agreement.id, "GOLEM_ACTIVITY_ID": self.activity_id}
         await self._exec([ExeCommand("run", {"entry_point": "dask", "args": list(args), "env": env})])
-        self.running = True
         # Only a worker that got to run is owed anything.
         self.parts.accountant.activity_started(self.deal.agreement.id)
 

@@ -2,9 +2,9 @@
 
 A :class:`Runtime` belongs to a provider agent and makes one :class:`RuntimeActivity`
 per activity.  The activity follows Golem's exe-script: ``deploy`` (get the image or
-environment ready), ``start`` (create the sandbox; the docker runtime also starts the
-container there), ``run`` (the long-running ``dask worker``), ``transfer`` (files in or out) and ``terminate`` (always, also after a
-failure).  Backends: ``process`` (a child process, no engine needed) and ``docker``.
+environment ready), ``start`` (create the sandbox and start the worker's process, which
+loads dask), ``run`` (the long-running ``dask worker``), ``transfer`` (files in or out)
+and ``terminate`` (always, also after a failure).  Backends: ``process`` (a child process, no engine needed) and ``docker``.
 """
 
 from __future__ import annotations
@@ -191,6 +191,23 @@ class RuntimeActivity(abc.ABC):
         self.activity_id = activity_id
         self.agreement_id = agreement_id
         self.resources = resources
+        self._pipe: Path | None = None  # the entry script's order pipe, made by start
+        self._ran = False
+
+    async def _order_run(self, runtime: str, entry_point: str, args: Sequence[str], env: Mapping[str, str],
+                         started: bool, exited: Callable[[], bool], failure: Callable[[], str],
+                         root: Path | None = None) -> None:
+        """``run`` for a worker started by ``start``: check the command, then hand its
+        arguments to the entry script (see :func:`run_order`, :func:`send_order`)."""
+        if entry_point != "dask":
+            raise ActivityError(f"the {runtime} runtime only runs 'dask', not {entry_point!r}")
+        if self._pipe is None or not started:
+            raise ActivityError("run before start: the exe-script must start the activity first")
+        if self._ran:
+            raise ActivityError("this activity already runs dask worker; create a new activity for another")
+        order = run_order(args, env, self.resources.cpu_threads, self.resources.memory_bytes, root)
+        await asyncio.to_thread(send_order, self._pipe, order, exited, failure)
+        self._ran = True
 
     @abc.abstractmethod
     async def deploy(self) -> str:

@@ -40,8 +40,6 @@ from golem_dask.provider.runtime.base import (
     Runtime,
     RuntimeActivity,
     make_control_dir,
-    run_order,
-    send_order,
     transfer_into_sandbox,
     worker_environ,
 )
@@ -93,8 +91,6 @@ class DockerActivity(RuntimeActivity):
         self.container: Any = None
         self._cpu = Decimal(0)
         self._logs = ""
-        self._pipe: Path | None = None
-        self._ran = False
         # Held while the container is made and while it is stopped: a terminate that
         # arrives mid-creation (a cancelled start) waits for the container, then removes it.
         self._engine_lock = threading.Lock()
@@ -119,15 +115,8 @@ class DockerActivity(RuntimeActivity):
         return await transfer_into_sandbox(self.root, source, destination, options)
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
-        if entry_point != "dask":
-            raise ActivityError(f"the docker runtime only runs 'dask', not {entry_point!r}")
-        if self._pipe is None or self.container is None:
-            raise ActivityError("run before start: the exe-script must start the activity first")
-        if self._ran:
-            raise ActivityError("this activity already runs dask worker; create a new activity for another")
-        order = run_order(args, env, self.resources.cpu_threads, self.resources.memory_bytes)
-        await asyncio.to_thread(send_order, self._pipe, order, self._exited, self._not_taken)
-        self._ran = True
+        await self._order_run("docker", entry_point, args, env, self.container is not None, self._exited,
+                              self._not_taken)
         return f"dask worker in container {self.container.short_id}"
 
     def _create(self) -> Any:

@@ -36,8 +36,6 @@ from golem_dask.provider.runtime.base import (
     Runtime,
     RuntimeActivity,
     make_control_dir,
-    run_order,
-    send_order,
     transfer_into_sandbox,
     worker_environ,
 )
@@ -57,8 +55,6 @@ class ProcessActivity(RuntimeActivity):
         self._ps: psutil.Process | None = None
         self._cpu = Decimal(0)
         self._log_path: Path | None = None
-        self._pipe: Path | None = None
-        self._ran = False
 
     async def deploy(self) -> str:
         return f"python {sys.version.split()[0]} at {sys.executable}"
@@ -86,18 +82,12 @@ class ProcessActivity(RuntimeActivity):
         return f"working directory {workdir}, pid {self._process.pid}"
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
-        if entry_point != "dask":
-            raise ActivityError(f"the process runtime only runs 'dask', not {entry_point!r}")
-        if self._pipe is None or self._process is None:
-            raise ActivityError("run before start: the exe-script must start the activity first")
-        if self._ran:
-            raise ActivityError("this activity already runs dask worker; create a new activity for another")
         process = self._process
-        order = run_order(args, env, self.resources.cpu_threads, self.resources.memory_bytes, self.workdir)
-        await asyncio.to_thread(send_order, self._pipe, order, lambda: process.returncode is not None,
-                                lambda: "the worker's process exited before the run command:\n"
-                                + "\n".join(self.logs().splitlines()[-20:]))
-        self._ran = True
+        await self._order_run("process", entry_point, args, env, process is not None,
+                              lambda: process is None or process.returncode is not None,
+                              lambda: "the worker's process exited before the run command:\n"
+                              + "\n".join(self.logs().splitlines()[-20:]), self.workdir)
+        assert process is not None
         return f"dask worker in pid {process.pid}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
