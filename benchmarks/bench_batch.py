@@ -25,8 +25,9 @@ from pathlib import Path
 def main(args: argparse.Namespace) -> int:
     from golem_dask.payment.ethereum import EthereumPayer
     from golem_dask.payment.ledger import Ledger
-    from golem_dask.payment.node import AnvilNode, deploy_contracts, fund
-    from golem_dask.payment.wallet import Wallet
+    from golem_dask.chain.anvil import AnvilNode
+    from golem_dask.chain.deploy import deploy_contracts, fund
+    from golem_dask.protocol.identity import Wallet
 
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []

@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imports and the process-wide devnet are paid here, outside every measurement.
     import golem_dask.cluster  # noqa: F401
-    from golem_dask.payment.devnet import Devnet
+    from golem_dask.chain.devnet import Devnet
 
     t0 = time.perf_counter()
     Devnet.shared()

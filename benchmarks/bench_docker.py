@@ -620,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # outside every measurement.
             import golem_dask.cluster  # noqa: F401
             from golem_dask.image import default_tag
-            from golem_dask.payment.devnet import Devnet
+            from golem_dask.chain.devnet import Devnet
 
             image = default_tag()
             _CONTAINERS = Containers()

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 def demo(workers: int, budget: str, size: int) -> int:
     """Run the main job on the embedded default and print the result and the bill."""
     import dask.array as da
-    import numpy as np
     from distributed import Client
 
     from golem_dask import GolemCluster
@@ -49,10 +48,10 @@ def ledger(path: str | None, as_json: bool) -> int:
     """Print the ledger's debts and payments."""
     import os
 
-    from golem_dask import config
+    from golem_dask.payment.factory import ledger_path
     from golem_dask.payment.ledger import Ledger, dumps
 
-    path = path or os.path.join(os.path.expanduser(config.get("payment.data-dir")), "ledger.sqlite")
+    path = path or ledger_path()
     if not os.path.exists(path):
         print(f"no ledger at {path}", file=sys.stderr)
         return 1
@@ -115,7 +114,7 @@ def provider(args: argparse.Namespace) -> int:
     from golem_dask import config
     from golem_dask.cluster import local_providers
     from golem_dask.errors import GolemDaskError
-    from golem_dask.payment.wallet import Wallet
+    from golem_dask.protocol.identity import Wallet
     from golem_dask.provider.agent import ProviderAgent
     from golem_dask.provider.daemon import PaymentCheck, ProviderDaemon
 

@@ -26,7 +26,7 @@ from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
 from golem_dask.payment.base import Payer
 from golem_dask.protocol.messages import ExeCommand
@@ -52,7 +52,7 @@ def local_providers(
     """
     import psutil
 
-    from golem_dask.payment.wallet import Wallet
+    from golem_dask.protocol.identity import Wallet
     from golem_dask.provider.agent import ProviderAgent, ProviderSettings
     from golem_dask.provider.runtime.process import ProcessRuntime
 
@@ -274,12 +274,9 @@ class GolemCluster(SpecCluster):
         total = config.decimal("payment.budget", budget, "budget")
         assert total is not None
         if payer is None:
-            from golem_dask.payment.ethereum import EthereumPayer
+            from golem_dask.payment.factory import default_payer
 
-            if config.get("payment.rpc-url"):
-                payer = EthereumPayer.from_config(platform=self.spec.platform)
-            else:
-                payer = EthereumPayer.embedded(total, platform=self.spec.platform)
+            payer = default_payer(total, self.spec.platform)
         self.payer = payer
         self.market = self._make_market(market)
         use_tls = config.get("cluster.tls", tls)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from golem_dask.payment.node import AnvilNode, AnvilNotFoundError, deploy_contracts, find_anvil
+from golem_dask.chain.anvil import AnvilNode, AnvilNotFoundError, find_anvil
+from golem_dask.chain.deploy import deploy_contracts
 
 REQUIRED = os.environ.get("GOLEM_DASK_REQUIRE_ANVIL") == "1"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.payment.accountant import AgreementAccount, Bill, BillEntry, EntryStatus, Tolerance, check_usage
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, Issuer, Proposal

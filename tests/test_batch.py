@@ -11,8 +11,8 @@ import pytest
 from anvil_support import anvil  # noqa: F401
 from golem_dask.payment.ethereum import EthereumPayer
 from golem_dask.payment.ledger import Ledger
-from golem_dask.payment.node import fund
-from golem_dask.payment.wallet import Wallet
+from golem_dask.chain.deploy import fund
+from golem_dask.protocol.identity import Wallet
 
 
 def payer(node, tmp_path, batch: bool) -> EthereumPayer:

@@ -24,7 +24,7 @@ from golem_dask import GolemCluster
 from golem_dask.cluster import local_providers
 from golem_dask.errors import ConstraintSyntaxError, NoOffersError
 from golem_dask.market.local import LocalMarket
-from golem_dask.payment.base import from_wei
+from golem_dask.chain.units import from_wei
 from golem_dask.protocol import properties as P
 from golem_dask.provider.agent import ProviderAgent
 from golem_dask.worker import Rental

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from golem_dask.errors import ConfigError
-from golem_dask.payment.contracts import available_artifacts, load_artifact
-from golem_dask.payment.devnet import Devnet
-from golem_dask.payment.wallet import Wallet
+from golem_dask.chain.contracts import available_artifacts, load_artifact
+from golem_dask.chain.devnet import Devnet
+from golem_dask.protocol.identity import Wallet
 
 TOKEN = "GolemDaskToken"
 ONE = 10**18  # one token in wei
@@ -29,7 +29,7 @@ def build_module() -> Any:
         "vyper",
         reason="the Vyper compiler is needed to check the artefact: pip install vyper==0.4.3",
     )
-    from golem_dask.payment.contracts import build
+    from golem_dask.chain.contracts import build
 
     return build
 
@@ -48,7 +48,7 @@ def test_recompiling_the_source_gives_the_shipped_artefact(build_module: Any, na
 
 def test_source_pins_the_compiler_version() -> None:
     shipped = load_artifact(TOKEN)
-    from golem_dask.payment.contracts import build  # importable without vyper
+    from golem_dask.chain.contracts import build  # importable without vyper
 
     source = (build.CONTRACTS_DIR / f"{TOKEN}.vy").read_text()
     assert source.splitlines()[0] == "# pragma version 0.4.3"

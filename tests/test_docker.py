@@ -31,7 +31,7 @@ from golem_dask.cluster import local_providers
 from golem_dask.errors import ActivityError, ConfigError
 from golem_dask.image import VERSIONS_LABEL, default_tag
 from golem_dask.market.local import LocalMarket
-from golem_dask.payment.base import from_wei
+from golem_dask.chain.units import from_wei
 from golem_dask.payment.ethereum import EthereumPayer
 from golem_dask.provider.runtime.docker import LABEL, LABEL_AGENT_PID, LABEL_AGREEMENT, DockerRuntime
 

@@ -24,8 +24,8 @@ from distributed import Client
 
 from anvil_support import anvil  # noqa: F401
 from golem_dask import GolemCluster
-from golem_dask.payment.node import fund
-from golem_dask.payment.wallet import Wallet
+from golem_dask.chain.deploy import fund
+from golem_dask.protocol.identity import Wallet
 from test_payment_durability import balance, chain_config
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from golem_dask.errors import ProtocolError
 from golem_dask.market.hub import HubServer
-from golem_dask.payment.wallet import Wallet
+from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol import wire
 from golem_dask.protocol.messages import Offer
 

@@ -10,7 +10,7 @@ from golem_dask.errors import BudgetExceededError, ConfigError, ConstraintSyntax
 from golem_dask.market.demand import DemandSpec, PriceCaps
 from golem_dask.market.local import matches
 from golem_dask.market.negotiation import Candidate, rank, score, summarize
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.payment.accountant import Budget
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Issuer, Offer, Proposal

@@ -11,15 +11,10 @@ import psutil
 import pytest
 from anvil_support import anvil, anvil_binary  # noqa: F401
 
-from golem_dask.payment.contracts import available_artifacts, load_artifact
-from golem_dask.payment.node import (
-    AnvilNode,
-    AnvilNotFoundError,
-    deploy_contracts,
-    find_anvil,
-    fund,
-)
-from golem_dask.payment.wallet import Wallet
+from golem_dask.chain.contracts import available_artifacts, load_artifact
+from golem_dask.chain.anvil import AnvilNode, AnvilNotFoundError, find_anvil
+from golem_dask.chain.deploy import deploy_contracts, fund
+from golem_dask.protocol.identity import Wallet
 
 ONE = 10**18  # one token (or one ETH) in wei
 GWEI = 10**9
@@ -285,10 +280,10 @@ def test_deploy_contracts_needs_no_batch_artefact(
     anvil: AnvilNode,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import golem_dask.payment.node as node_module
+    import golem_dask.chain.deploy as deploy_module
 
     monkeypatch.setattr(
-        node_module,
+        deploy_module,
         "available_artifacts",
         lambda: [n for n in available_artifacts() if n != "GolemDaskBatch"],
     )

@@ -21,10 +21,10 @@ import pytest
 
 from anvil_support import anvil  # noqa: F401
 from golem_dask.errors import PaymentError
-from golem_dask.payment.base import from_wei
+from golem_dask.chain.units import from_wei
 from golem_dask.payment.ledger import PAID, Ledger
-from golem_dask.payment.node import fund
-from golem_dask.payment.wallet import Wallet
+from golem_dask.chain.deploy import fund
+from golem_dask.protocol.identity import Wallet
 
 SCRIPT = Path(__file__).with_name("payment_script.py")
 AMOUNTS = [Decimal("1.5"), Decimal("0.25"), Decimal("2")]
@@ -55,7 +55,7 @@ def chain_config(node, batch: bool) -> dict[str, str]:
 
 
 def balance(node, address: str) -> Decimal:
-    from golem_dask.payment.contracts import load_artifact
+    from golem_dask.chain.contracts import load_artifact
 
     w3 = node.web3()
     token = w3.eth.contract(address=node.contracts["token"], abi=load_artifact("GolemDaskToken")["abi"])
@@ -63,7 +63,7 @@ def balance(node, address: str) -> Decimal:
 
 
 def transfers_to(node, payees: list[str]) -> dict[str, int]:
-    from golem_dask.payment.contracts import load_artifact
+    from golem_dask.chain.contracts import load_artifact
 
     w3 = node.web3()
     token = w3.eth.contract(address=node.contracts["token"], abi=load_artifact("GolemDaskToken")["abi"])

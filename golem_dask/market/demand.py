@@ -16,7 +16,7 @@ from typing import Any
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Demand

@@ -127,7 +127,7 @@ class HubServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        from golem_dask.payment.wallet import Wallet
+        from golem_dask.protocol.identity import Wallet
 
         self.host, self.port = host, port
         self._wallet = Wallet.generate()  # signs the hub's own notices; holds nothing

@@ -26,7 +26,7 @@ from golem_dask.errors import (
 )
 from golem_dask.market.base import Market, OfferReceived, OfferWithdrawn
 from golem_dask.market.demand import DemandSpec
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.payment.accountant import Budget
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P

@@ -24,7 +24,7 @@ from enum import Enum
 from typing import Any
 
 from golem_dask.errors import BudgetExceededError, PaymentError
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.payment.base import Payer
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, DebitNote, Invoice, Payment

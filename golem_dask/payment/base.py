@@ -3,7 +3,8 @@
 A payer knows one payment platform (for example ``erc20-devnet-glm``), holds the
 requestor's wallet, and transfers token amounts to providers' addresses.  The accountant
 decides *what* is owed; the payer only moves it.  Amounts cross this seam as ``Decimal``
-token units; implementations convert to integer wei exactly.
+token units; implementations convert to integer wei exactly
+(:mod:`golem_dask.chain.units`).
 """
 
 from __future__ import annotations
@@ -11,38 +12,6 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from decimal import Decimal
-
-#: Every ERC-20 token golem-dask pays with has 18 decimals, like GLM.
-TOKEN_DECIMALS = 18
-WEI_PER_TOKEN = 10**TOKEN_DECIMALS
-
-
-def to_wei(amount: Decimal) -> int:
-    """Convert a token amount to integer wei, refusing amounts finer than one wei.
-
-    Examples
-    --------
-    >>> to_wei(Decimal("1.5"))
-    1500000000000000000
-    """
-    wei = amount * WEI_PER_TOKEN
-    if wei != wei.to_integral_value():
-        raise ValueError(f"{amount} has more than {TOKEN_DECIMALS} decimals")
-    return int(wei)
-
-
-def from_wei(wei: int) -> Decimal:
-    """Convert integer wei to a ``Decimal`` token amount.
-
-    Examples
-    --------
-    >>> from_wei(1500000000000000000)
-    Decimal('1.5')
-    """
-    amount = Decimal(wei).scaleb(-TOKEN_DECIMALS).normalize()
-    # normalize() writes whole tens as 1E+1; keep plain notation for people and logs.
-    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
-
 
 @dataclass(frozen=True, slots=True)
 class Transfer:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from golem_dask.errors import PaymentError
-from golem_dask.payment.base import from_wei
+from golem_dask.chain.units import from_wei
 from golem_dask.protocol.messages import new_id
 
 OWED, PAYING, PAID = "owed", "paying", "paid"

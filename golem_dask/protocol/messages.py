@@ -92,11 +92,8 @@ class Proposal:
 
 class AgreementState(str, Enum):
     PROPOSAL = "Proposal"
-    PENDING = "Pending"
     APPROVED = "Approved"
-    REJECTED = "Rejected"
     TERMINATED = "Terminated"
-    EXPIRED = "Expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,15 +216,6 @@ class Payment:
         object.__setattr__(self, "invoice_ids", tuple(self.invoice_ids))
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why one side refused a proposal, an agreement or a payment document."""
-
-    subject_id: str
-    reason: str
-    timestamp_ms: int = field(default_factory=now_ms)
-
-
 MESSAGE_TYPES: tuple[type, ...] = (
     Demand,
     Offer,
@@ -238,5 +226,4 @@ MESSAGE_TYPES: tuple[type, ...] = (
     DebitNote,
     Invoice,
     Payment,
-    Rejection,
 )

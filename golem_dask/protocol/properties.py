@@ -24,7 +24,6 @@ RUNTIME_NAME = "golem.runtime.name"
 # Service.
 EXPIRATION = "golem.srv.comp.expiration"  # milliseconds since the epoch
 IMAGE = "golem.srv.comp.task_package"
-SCHEDULER = "golem.srv.comp.dask.scheduler"
 
 # Commercial terms.
 PRICING_MODEL = "golem.com.pricing.model"

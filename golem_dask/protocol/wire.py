@@ -7,9 +7,8 @@ raises :class:`~golem_dask.errors.ProtocolError` on anything else.
 
 On the network every message travels in a signed :class:`Envelope` (:func:`seal`,
 :func:`verify`), framed with a 4-byte length (:func:`frame`, :func:`unframe`,
-:func:`read_frame`, :func:`write_frame`); a :class:`ReplayGuard` refuses replays.
-Signatures are recovered with coincurve (libsecp256k1) when it is installed, else with
-eth_keys' pure-Python backend, 50 to 100 times slower.
+:func:`read_frame`); a :class:`ReplayGuard` refuses replays.
+Signatures are made and recovered by :mod:`golem_dask.protocol.identity`.
 """
 
 from __future__ import annotations
@@ -18,23 +17,23 @@ import dataclasses
 import heapq
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from golem_dask.errors import ProtocolError
+from golem_dask.protocol.identity import checksum_address, keccak256, recover_address
 from golem_dask.protocol.messages import MESSAGE_TYPES
+from golem_dask.protocol.messages import now_ms as _clock_ms
 
 if TYPE_CHECKING:
     import asyncio
 
-    from golem_dask.payment.wallet import Wallet
+    from golem_dask.protocol.identity import Wallet
 
 _EXT_DECIMAL = 1
 _EXT_MESSAGE = 2
@@ -94,9 +93,9 @@ def encode(message: Any) -> bytes:
 
     Examples
     --------
-    >>> from golem_dask.protocol.messages import Rejection
-    >>> decode(encode(Rejection("a1", "too expensive", 0)))
-    Rejection(subject_id='a1', reason='too expensive', timestamp_ms=0)
+    >>> from golem_dask.protocol.messages import Activity
+    >>> decode(encode(Activity("a1", "g1", "Ready", None, 0)))
+    Activity(id='a1', agreement_id='g1', state=<ActivityState.READY: 'Ready'>, reason=None, timestamp_ms=0)
     """
     try:
         return _pack(message)
@@ -160,7 +159,7 @@ class Envelope:
 
     Examples
     --------
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> env = seal(Wallet.from_key("11" * 32), "ping", {"n": 1}, now_ms=1_700_000_000_000)
     >>> env.sender, env.kind, env.timestamp_ms, len(env.nonce), len(env.signature)
     ('0x19E7E376E7C213B7E7e7e46cc70A5dD086DAff2A', 'ping', 1700000000000, 32, 65)
@@ -191,7 +190,7 @@ class Envelope:
         Examples
         --------
         >>> import dataclasses
-        >>> from golem_dask.payment.wallet import Wallet
+        >>> from golem_dask.protocol.identity import Wallet
         >>> env = seal(Wallet.from_key("11" * 32), "ping", None, now_ms=0)
         >>> len(env.digest())
         32
@@ -199,75 +198,7 @@ class Envelope:
         False
         """
         fields = [self.version, self.kind, self.sender, self.nonce, self.timestamp_ms, self.body]
-        return _keccak256(_DOMAIN + msgpack.packb(fields, use_bin_type=True))
-
-
-# -- cryptography, loaded on first use (eth_keys alone takes ~0.4 s to import) ---------------
-
-class _Crypto(NamedTuple):
-    name: str
-    keccak256: Callable[[bytes], bytes]
-    #: (32-byte digest, 64-byte r || s, recovery id 0 or 1) -> 20-byte address; raises on failure.
-    recover: Callable[[bytes, bytes, int], bytes]
-
-
-_crypto_backend: _Crypto | None = None
-
-
-def _load_crypto(prefer_coincurve: bool = True) -> _Crypto:
-    keccak256: Callable[[bytes], bytes]
-    try:
-        from Crypto.Hash import keccak as pycryptodome_keccak
-    except ImportError:  # pragma: no cover - eth-account pulls in pycryptodome
-        from eth_hash.auto import keccak as eth_hash_keccak
-
-        keccak256 = eth_hash_keccak
-    else:
-        def keccak256_pycryptodome(data: bytes) -> bytes:
-            return pycryptodome_keccak.new(digest_bits=256, data=data).digest()
-
-        keccak256 = keccak256_pycryptodome
-
-    if prefer_coincurve:
-        try:
-            import coincurve
-        except ImportError:
-            pass
-        else:
-            from_signature = coincurve.PublicKey.from_signature_and_message
-
-            def recover_coincurve(digest: bytes, rs: bytes, recovery_id: int) -> bytes:
-                point = from_signature(rs + bytes((recovery_id,)), digest, hasher=None)
-                return keccak256(point.format(compressed=False)[1:])[12:]
-
-            return _Crypto("coincurve", keccak256, recover_coincurve)
-
-    from eth_keys import keys
-
-    def recover_eth_keys(digest: bytes, rs: bytes, recovery_id: int) -> bytes:
-        signature = keys.Signature(vrs=(recovery_id, int.from_bytes(rs[:32], "big"),
-                                        int.from_bytes(rs[32:], "big")))
-        return bytes(signature.recover_public_key_from_msg_hash(digest).to_canonical_address())
-
-    return _Crypto("eth_keys", keccak256, recover_eth_keys)
-
-
-def _crypto() -> _Crypto:
-    global _crypto_backend
-    if _crypto_backend is None:
-        _crypto_backend = _load_crypto()
-    return _crypto_backend
-
-
-def _keccak256(data: bytes) -> bytes:
-    return _crypto().keccak256(data)
-
-
-def _checksum_address(address: bytes) -> str:
-    """EIP-55 form of a 20-byte address."""
-    digits = address.hex()
-    hashed = _keccak256(digits.encode("ascii")).hex()
-    return "0x" + "".join(d.upper() if h in "89abcdef" else d for d, h in zip(digits, hashed))
+        return keccak256(_DOMAIN + msgpack.packb(fields, use_bin_type=True))
 
 
 def _short(value: object) -> str:
@@ -284,10 +215,6 @@ def _check_field_types(envelope: Envelope) -> None:
         if type(value) is not expected:
             raise ProtocolError(f"malformed envelope: {name} is {type(value).__name__}, "
                                 f"expected {expected.__name__}")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def seal(wallet: Wallet, kind: str, payload: Any, *, now_ms: int | None = None) -> Envelope:
@@ -317,14 +244,14 @@ def seal(wallet: Wallet, kind: str, payload: Any, *, now_ms: int | None = None) 
     Examples
     --------
     >>> from decimal import Decimal
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> env = seal(Wallet.from_key("11" * 32), "ping", {"n": Decimal("0.1")}, now_ms=0)
     >>> verify(env)
     {'n': Decimal('0.1')}
     """
     if type(kind) is not str:
         raise ProtocolError(f"kind must be a str, not {type(kind).__name__}")
-    stamp = _now_ms() if now_ms is None else now_ms
+    stamp = _clock_ms() if now_ms is None else now_ms
     if type(stamp) is not int:
         raise ProtocolError(f"now_ms must be an int, not {type(stamp).__name__}")
     body = encode(payload)
@@ -369,7 +296,7 @@ def verify(envelope: Envelope) -> Any:
     Examples
     --------
     >>> import dataclasses
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> alice, bob = Wallet.from_key("11" * 32), Wallet.from_key("22" * 32)
     >>> env = seal(alice, "ping", [1, 2])
     >>> verify(env)
@@ -407,10 +334,10 @@ def verify(envelope: Envelope) -> Any:
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"malformed envelope: {type(e).__name__}: {_short(str(e))}") from None
     try:
-        signer = _crypto().recover(digest, signature[:64], v - 27)
+        signer = recover_address(digest, signature[:64], v - 27)
     except Exception:  # the backends raise several kinds on unrecoverable signatures
         raise ProtocolError("bad signature: no public key recovers from it") from None
-    expected = _checksum_address(signer)
+    expected = checksum_address(signer)
     if expected != sender:
         if expected.lower() == sender.lower():
             raise ProtocolError(f"bad signature: sender {sender} is not checksummed (expected {expected})")
@@ -445,7 +372,7 @@ class ReplayGuard:
 
     Examples
     --------
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> guard = ReplayGuard(window_ms=60_000)
     >>> env = seal(Wallet.from_key("11" * 32), "ping", None, now_ms=1_000_000)
     >>> guard.check(env, now_ms=1_000_500)
@@ -495,7 +422,7 @@ class ReplayGuard:
 
         Examples
         --------
-        >>> from golem_dask.payment.wallet import Wallet
+        >>> from golem_dask.protocol.identity import Wallet
         >>> guard = ReplayGuard(window_ms=1_000)
         >>> guard.check(seal(Wallet.from_key("11" * 32), "ping", None, now_ms=5_000), now_ms=5_000)
         >>> len(guard)
@@ -505,7 +432,7 @@ class ReplayGuard:
         sender, nonce, stamp = envelope.sender, envelope.nonce, envelope.timestamp_ms
         if _ADDRESS.fullmatch(sender) is None or _NONCE.fullmatch(nonce) is None:
             raise ProtocolError("malformed envelope: sender or nonce has the wrong form")
-        now = _now_ms() if now_ms is None else now_ms
+        now = _clock_ms() if now_ms is None else now_ms
         if self._latest_now is None or now > self._latest_now:
             self._latest_now = now
         oldest = self._latest_now - self.window_ms
@@ -548,7 +475,7 @@ def frame(envelope: Envelope) -> bytes:
 
     Examples
     --------
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> env = seal(Wallet.from_key("11" * 32), "ping", None, now_ms=0)
     >>> data = frame(env)
     >>> int.from_bytes(data[:4], "big") == len(data) - 4
@@ -581,6 +508,11 @@ def _parse_envelope(data: bytes | memoryview) -> Envelope:
     for name, expected, value in zip(_FIELD_NAMES, _FIELD_TYPES, fields):
         if type(value) is not expected:
             raise ProtocolError(f"malformed frame: {name} is {type(value).__name__}, expected {expected.__name__}")
+    # msgpack can spell one value several ways (a uint64 or an int64 for a timestamp):
+    # only the one encoding frame() makes is accepted, so that a frame's bytes and its
+    # signed meaning stay one-to-one.
+    if msgpack.packb(fields, use_bin_type=True) != data:
+        raise ProtocolError("malformed frame: not in canonical msgpack form")
     return Envelope(*fields)
 
 
@@ -604,7 +536,7 @@ def unframe(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
 
     Examples
     --------
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> data = frame(seal(Wallet.from_key("11" * 32), "ping", "hi"))
     >>> verify(unframe(data))
     'hi'
@@ -663,7 +595,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
     Examples
     --------
     >>> import asyncio
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> async def main():
     ...     reader = asyncio.StreamReader()
     ...     reader.feed_data(frame(seal(Wallet.from_key("11" * 32), "ping", [1, 2])))
@@ -692,30 +624,3 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
     except asyncio.IncompleteReadError as e:
         raise ConnectionError(f"connection closed inside a frame ({len(e.partial)} of {length} bytes)") from None
     return _parse_envelope(data)
-
-
-async def write_frame(writer: asyncio.StreamWriter, envelope: Envelope) -> None:
-    """Write ``envelope`` as one frame and wait until the stream can take more.
-
-    Raises
-    ------
-    ProtocolError
-        If a field of ``envelope`` has the wrong type.
-    ConnectionError
-        If the connection is lost (from ``writer.drain()``).
-
-    Examples
-    --------
-    >>> import asyncio
-    >>> from golem_dask.payment.wallet import Wallet
-    >>> class Sink:  # anything with write() and drain(), here instead of a socket
-    ...     data = b""
-    ...     def write(self, data): self.data += data
-    ...     async def drain(self): pass
-    >>> sink, env = Sink(), seal(Wallet.from_key("11" * 32), "ping", None)
-    >>> asyncio.run(write_frame(sink, env))
-    >>> unframe(sink.data) == env
-    True
-    """
-    writer.write(frame(envelope))
-    await writer.drain()

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from golem_dask.errors import ActivityError, ProposalRejected
-from golem_dask.market.pricing import LinearPricing
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import (
@@ -64,7 +64,7 @@ class ProviderSettings:
 
     Examples
     --------
-    >>> from golem_dask.market.pricing import LinearPricing
+    >>> from golem_dask.protocol.pricing import LinearPricing
     >>> ProviderSettings(
     ...     name="laptop",
     ...     capacity=Resources(cpu_threads=2, memory_bytes=4 * 2**30, storage_bytes=2**30),

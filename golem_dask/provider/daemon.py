@@ -20,7 +20,7 @@ from golem_dask import config
 from golem_dask.errors import GolemDaskError, MarketError, NetworkError, PaymentError
 from golem_dask.market.hub import REMOTE_ERRORS, HubLink
 from golem_dask.market.relay import PROVIDER_METHODS
-from golem_dask.payment.base import from_wei
+from golem_dask.chain.units import from_wei
 from golem_dask.protocol import wire
 from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice, Offer, Payment
 from golem_dask.provider.agent import ProviderAgent
@@ -46,7 +46,7 @@ class PaymentCheck:
         if self._token is None:
             from web3 import HTTPProvider, Web3
 
-            from golem_dask.payment.contracts import load_artifact
+            from golem_dask.chain.contracts import load_artifact
 
             w3 = Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
             self._token = w3.eth.contract(address=Web3.to_checksum_address(self.token_address),

@@ -1,7 +1,7 @@
 """Smart contracts golem-dask deploys, shipped as Vyper source plus compiled artefacts.
 
 The compiled artefacts (``*.json``) are package data, so nothing here needs the
-Vyper compiler at runtime; ``python -m golem_dask.payment.contracts.build``
+Vyper compiler at runtime; ``python -m golem_dask.chain.contracts.build``
 regenerates them from the ``*.vy`` sources (``--check`` verifies they are current).
 """
 
@@ -42,7 +42,7 @@ def _artifact_text(name: str) -> str:
         raise ConfigError(
             f"no compiled contract artefact named {name!r}; shipped artefacts: "
             f"{available_artifacts()}. If you edited a .vy file, run "
-            "`python -m golem_dask.payment.contracts.build`."
+            "`python -m golem_dask.chain.contracts.build`."
         )
     return resource.read_text(encoding="utf-8")
 

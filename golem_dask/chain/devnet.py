@@ -1,8 +1,8 @@
 """The embedded Ethereum devnet: a real EVM running inside the requestor process.
 
 :class:`Devnet` wraps ``web3.Web3(web3.EthereumTesterProvider())`` (py-evm under
-eth-tester), deploys the shipped ``GolemDaskToken`` ERC-20 on it, and acts as a faucet
-that hands out ETH for gas and freshly minted test tokens.  Payments on it are real EVM
+eth-tester), deploys the shipped contracts on it (the ``GolemDaskToken`` ERC-20 and the
+``GolemDaskBatch`` payer), and acts as a faucet that hands out ETH for gas and freshly minted test tokens.  Payments on it are real EVM
 transactions with real receipts and event logs, so the same payer code that talks to a
 public chain is exercised end to end without a network.
 
@@ -22,28 +22,20 @@ import logging
 import threading
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from golem_dask.chain.deploy import TOKEN_CONTRACT, deploy_contracts, fund, token_contract
+from golem_dask.chain.units import from_wei
 from golem_dask.errors import PaymentError
-from golem_dask.payment.base import from_wei, to_wei
-from golem_dask.payment.contracts import load_artifact
+from golem_dask.protocol.identity import checksum_address
 
 if TYPE_CHECKING:
     from web3 import Web3
-    from eth_typing import ChecksumAddress
     from web3.contract import Contract
-    from web3.types import TxParams
 
-__all__ = ["Devnet", "TOKEN_CONTRACT"]
+__all__ = ["Devnet"]
 
 logger = logging.getLogger(__name__)
-
-#: Name of the shipped artefact deployed as the devnet's payment token.
-TOKEN_CONTRACT = "GolemDaskToken"
-
-#: Seconds to wait for a receipt.  eth-tester mines each transaction as it arrives, so
-#: this only matters if something is badly wrong.
-_RECEIPT_TIMEOUT = 30.0
 
 
 class Devnet:
@@ -60,6 +52,8 @@ class Devnet:
         The web3 contract object of the deployed ``GolemDaskToken``.
     token_address:
         The checksummed address of the token contract.
+    batch_address:
+        The checksummed address of the batch-payment contract.
     chain_id:
         The chain id (eth-tester's default).
     faucet:
@@ -70,7 +64,7 @@ class Devnet:
     Examples
     --------
     >>> from decimal import Decimal
-    >>> from golem_dask.payment.wallet import Wallet
+    >>> from golem_dask.protocol.identity import Wallet
     >>> devnet = Devnet.shared()
     >>> wallet = Wallet.generate()
     >>> devnet.fund(wallet.address, Decimal("2.5"))
@@ -95,19 +89,10 @@ class Devnet:
         # the token and so becomes its only minter.
         self.faucet: str = self.w3.eth.accounts[0]
 
-        artifact = load_artifact(TOKEN_CONTRACT)
-        factory = self.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-        tx_hash = factory.constructor().transact({"from": self.faucet})
-        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=_RECEIPT_TIMEOUT)
-        if receipt["status"] != 1 or not receipt["contractAddress"]:
-            raise PaymentError(
-                f"deploying {TOKEN_CONTRACT} on the embedded devnet failed; the shipped "
-                "artefact may be corrupt: reinstall golem-dask"
-            )
-        self.token_address: str = receipt["contractAddress"]
-        self.token: Contract = self.w3.eth.contract(
-            address=self.token_address, abi=artifact["abi"]
-        )
+        addresses = deploy_contracts(self.w3, self.faucet)
+        self.token_address: str = str(addresses["token"])
+        self.batch_address: str | None = addresses["batch"]
+        self.token: Contract = token_contract(self.w3, self.token_address)
         self.startup_seconds = time.perf_counter() - started
         logger.info(
             "embedded devnet ready in %.2f s: chain id %d, %s at %s",
@@ -157,53 +142,15 @@ class Devnet:
         Examples
         --------
         >>> from decimal import Decimal
-        >>> from golem_dask.payment.wallet import Wallet
+        >>> from golem_dask.protocol.identity import Wallet
         >>> address = Wallet.generate().address
         >>> Devnet.shared().fund(address, Decimal(7), eth_wei=0)
         >>> Devnet.shared().token_balance(address)
         Decimal('7')
         """
-        checksummed = self._checksum(address)
-        try:
-            token_wei = to_wei(Decimal(tokens))
-        except (ValueError, ArithmeticError) as e:
-            raise PaymentError(f"cannot fund {tokens!r} tokens: {e}") from e
-        if token_wei < 0 or eth_wei < 0:
-            raise PaymentError("funding amounts must not be negative")
-        try:
-            with self.lock:
-                hashes = []
-                if eth_wei:
-                    hashes.append(
-                        self.w3.eth.send_transaction(
-                            cast(
-                                "TxParams",
-                                {"from": self.faucet, "to": checksummed, "value": eth_wei},
-                            )
-                        )
-                    )
-                if token_wei:
-                    hashes.append(
-                        self.token.functions.mint(checksummed, token_wei).transact(
-                            {"from": self.faucet}
-                        )
-                    )
-                receipts = [
-                    self.w3.eth.wait_for_transaction_receipt(h, timeout=_RECEIPT_TIMEOUT)
-                    for h in hashes
-                ]
-        except Exception as e:
-            raise PaymentError(
-                f"funding {checksummed} on the embedded devnet failed: {e}"
-            ) from e
-        if any(r["status"] != 1 for r in receipts):
-            raise PaymentError(f"a funding transaction to {checksummed} reverted")
-        logger.debug(
-            "devnet faucet funded %s with %s tokens and %d wei",
-            checksummed,
-            tokens,
-            eth_wei,
-        )
+        with self.lock:
+            fund(self.w3, self.token, self.faucet, address, tokens, eth_wei)
+        logger.debug("devnet faucet funded %s with %s tokens and %d wei", address, tokens, eth_wei)
 
     def token_balance(self, address: str) -> Decimal:
         """Token balance of ``address`` in token units."""
@@ -217,12 +164,11 @@ class Devnet:
         with self.lock:
             return int(self.w3.eth.get_balance(checksummed))
 
-    def _checksum(self, address: str) -> ChecksumAddress:
-        from web3 import Web3
-
-        if not isinstance(address, str) or not Web3.is_address(address):
-            raise PaymentError(f"{address!r} is not a valid Ethereum address")
-        return Web3.to_checksum_address(address)
+    def _checksum(self, address: str) -> str:
+        try:
+            return checksum_address(address)
+        except ValueError as e:
+            raise PaymentError(str(e)) from None
 
     def __repr__(self) -> str:
         return f"Devnet(chain_id={self.chain_id}, token_address={self.token_address!r})"

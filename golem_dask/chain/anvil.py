@@ -1,6 +1,6 @@
 """A real Ethereum node for tests and local runs: anvil, started as a child process.
 
-The embedded :class:`~golem_dask.payment.devnet.Devnet` runs py-evm inside the
+The embedded :class:`~golem_dask.chain.devnet.Devnet` runs py-evm inside the
 requestor; :class:`AnvilNode` instead runs `anvil <https://getfoundry.sh/anvil>`_, a
 standalone node that speaks JSON-RPC over HTTP like a public chain does.  Code that
 talks to it goes through the same network stack (``web3.HTTPProvider``, raw signed
@@ -35,37 +35,22 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import weakref
-from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from golem_dask.chain import rpc
 from golem_dask.errors import GolemDaskError, PaymentError
-from golem_dask.payment.base import to_wei
-from golem_dask.payment.contracts import available_artifacts, load_artifact
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
 
     from web3 import Web3
-    from web3.contract import Contract
 
-    from golem_dask.payment.wallet import Wallet
+    from golem_dask.protocol.identity import Wallet
 
-__all__ = [
-    "ANVIL_ENV_VAR",
-    "AnvilError",
-    "AnvilNode",
-    "AnvilNotFoundError",
-    "BATCH_CONTRACT",
-    "TOKEN_CONTRACT",
-    "deploy_contracts",
-    "find_anvil",
-    "fund",
-]
+__all__ = ["ANVIL_ENV_VAR", "AnvilError", "AnvilNode", "AnvilNotFoundError", "find_anvil"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +63,9 @@ _REPO_BINARY = Path(".ci/work/npm/node_modules/@foundry-rs/anvil-linux-amd64/bin
 #: The source tree this module lives in (meaningful for an editable install only).
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: Artefact names deployed by :func:`deploy_contracts`.
-TOKEN_CONTRACT = "GolemDaskToken"
-BATCH_CONTRACT = "GolemDaskBatch"
-
 #: anvil's default chain id, also used by Hardhat: wallets and tools recognise it as a
 #: local development chain.
 DEFAULT_CHAIN_ID = 31337
-
-_RECEIPT_TIMEOUT = 30.0
 
 _INSTALL_HINT = (
     "run `.ci/install-anvil` in the golem-dask source tree (it installs the npm "
@@ -139,19 +118,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _rpc(url: str, method: str, params: list[Any] | None = None, timeout: float = 2.0) -> Any:
-    """One JSON-RPC call with the standard library (no web3 import)."""
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []})
-    request = urllib.request.Request(
-        url, data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        reply = json.loads(response.read())
-    if "error" in reply:
-        raise AnvilError(f"{method} failed: {reply['error']}")
-    return reply["result"]
 
 
 class _Resources:
@@ -409,10 +375,10 @@ class AnvilNode:
                     f"its output ({self.log_path}):\n{output[-2000:]}"
                 )
             try:
-                chain_id = int(_rpc(self.url, "eth_chainId", timeout=1.0), 16)
-                accounts = _rpc(self.url, "eth_accounts", timeout=5.0)
+                chain_id = int(rpc.call(self.url, "eth_chainId", timeout_s=1.0), 16)
+                accounts = rpc.call(self.url, "eth_accounts", timeout_s=5.0)
                 break
-            except (OSError, ValueError, AnvilError):
+            except (OSError, ValueError, PaymentError):
                 # Not listening yet (connection refused, reset) or not ready.
                 if time.monotonic() > deadline:
                     self._resources.stop(timeout=5.0)
@@ -501,14 +467,12 @@ class AnvilNode:
 
     # --- conveniences -------------------------------------------------------------
 
-    def web3(self, request_timeout: float = 30.0) -> Web3:
-        """A new ``web3.Web3`` connected to this node over HTTP.
+    def web3(self, request_timeout: float | None = None) -> Web3:
+        """A new ``web3.Web3`` connected to this node over HTTP (:func:`~golem_dask.chain.rpc.connect`).
 
         It keeps working across :meth:`restart`, since the URL does not change.
         """
-        from web3 import Web3  # lazy: ~1.4 s import
-
-        return Web3(Web3.HTTPProvider(self.url, request_kwargs={"timeout": request_timeout}))
+        return rpc.connect(self.url, request_timeout)
 
     def dev_wallet(self, index: int = 0) -> Wallet:
         """A :class:`Wallet` holding dev account ``index``'s key.
@@ -516,7 +480,7 @@ class AnvilNode:
         These keys derive from anvil's public test mnemonic: use them only on this
         node.
         """
-        from golem_dask.payment.wallet import Wallet
+        from golem_dask.protocol.identity import Wallet
 
         try:
             config = json.loads((self.state_dir / "config.json").read_text())
@@ -537,157 +501,3 @@ class AnvilNode:
 
 class _PortTaken(Exception):
     """Internal: anvil exited because its port was taken."""
-
-
-# --- contracts ------------------------------------------------------------------------
-
-
-def _deploy(
-    w3: Web3, deployer: str, name: str, args: Sequence[Any], timeout: float
-) -> str:
-    artifact = load_artifact(name)
-    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    try:
-        tx_hash = factory.constructor(*args).transact({"from": deployer})  # type: ignore[arg-type]
-        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout)
-    except Exception as e:
-        raise PaymentError(f"deploying {name} from {deployer} failed: {e}") from e
-    if receipt["status"] != 1 or not receipt["contractAddress"]:
-        raise PaymentError(f"deploying {name} from {deployer} reverted (tx {tx_hash.hex()})")
-    address = str(receipt["contractAddress"])
-    logger.info("deployed %s at %s", name, address)
-    return address
-
-
-def _batch_constructor_args(token_address: str) -> list[Any]:
-    """Arguments for the batch contract's constructor, inferred from its ABI.
-
-    Address parameters are taken to be the token: either the only address parameter
-    or the one whose name mentions "token".  Anything else cannot be guessed.
-    """
-    abi = load_artifact(BATCH_CONTRACT)["abi"]
-    constructor = next((item for item in abi if item.get("type") == "constructor"), None)
-    inputs = constructor.get("inputs", []) if constructor else []
-    address_inputs = [i for i in inputs if i.get("type") == "address"]
-    args = []
-    for item in inputs:
-        is_token = item.get("type") == "address" and (
-            "token" in item.get("name", "").lower() or len(address_inputs) == 1
-        )
-        if not is_token:
-            raise PaymentError(
-                f"cannot infer constructor argument {item.get('name')!r} "
-                f"({item.get('type')}) of {BATCH_CONTRACT}; pass batch_args= to "
-                "deploy_contracts"
-            )
-        args.append(token_address)
-    return args
-
-
-def deploy_contracts(
-    w3: Web3,
-    deployer: str,
-    *,
-    batch_args: Sequence[Any] | None = None,
-    timeout: float = _RECEIPT_TIMEOUT,
-) -> dict[str, str | None]:
-    """Deploy the shipped contracts from ``deployer``, an account the node unlocked.
-
-    Deploys ``GolemDaskToken`` (``deployer`` becomes its minter) and, if the package
-    ships a ``GolemDaskBatch`` artefact, that too.
-
-    Parameters
-    ----------
-    w3:
-        A ``web3.Web3`` connected to the node, e.g. :meth:`AnvilNode.web3`.
-    deployer:
-        An unlocked account, e.g. ``node.accounts[0]``.
-    batch_args:
-        Constructor arguments for ``GolemDaskBatch``.  By default they are inferred
-        from its ABI: an address parameter receives the token's address.
-
-    Returns
-    -------
-    dict
-        ``{"token": address, "batch": address or None}``, checksummed.
-
-    Raises
-    ------
-    PaymentError
-        If a deployment fails or reverts.
-    """
-    token = _deploy(w3, deployer, TOKEN_CONTRACT, (), timeout)
-    batch: str | None = None
-    if BATCH_CONTRACT in available_artifacts():
-        args = list(batch_args) if batch_args is not None else _batch_constructor_args(token)
-        batch = _deploy(w3, deployer, BATCH_CONTRACT, args, timeout)
-    else:
-        logger.debug("no %s artefact shipped; not deploying it", BATCH_CONTRACT)
-    return {"token": token, "batch": batch}
-
-
-def fund(
-    w3: Web3,
-    token: str | Contract,
-    minter: str,
-    address: str,
-    tokens: Decimal,
-    eth_wei: int = 10**18,
-    *,
-    timeout: float = _RECEIPT_TIMEOUT,
-) -> None:
-    """Send ``eth_wei`` wei and mint ``tokens`` token units to ``address``.
-
-    Parameters
-    ----------
-    w3:
-        A ``web3.Web3`` connected to the node.
-    token:
-        The ``GolemDaskToken``: its address or a web3 contract object.
-    minter:
-        An unlocked account holding ETH that is the token's minter (its deployer).
-    address:
-        The account to fund.
-    tokens:
-        Token units to mint (``Decimal``, at most 18 decimals); 0 mints nothing.
-    eth_wei:
-        Wei of ETH to send for gas; 0 sends nothing.
-
-    Raises
-    ------
-    PaymentError
-        If an argument is invalid or a transaction fails or reverts.
-    """
-    from web3 import Web3
-
-    if not isinstance(address, str) or not Web3.is_address(address):
-        raise PaymentError(f"{address!r} is not a valid Ethereum address")
-    receiver = Web3.to_checksum_address(address)
-    sender = Web3.to_checksum_address(minter)
-    try:
-        token_wei = to_wei(Decimal(tokens))
-    except (ValueError, ArithmeticError) as e:
-        raise PaymentError(f"cannot fund {tokens!r} tokens: {e}") from e
-    if token_wei < 0 or eth_wei < 0:
-        raise PaymentError("funding amounts must not be negative")
-    if isinstance(token, str):
-        contract = w3.eth.contract(
-            address=Web3.to_checksum_address(token), abi=load_artifact(TOKEN_CONTRACT)["abi"]
-        )
-    else:
-        contract = token
-    try:
-        hashes = []
-        if eth_wei:
-            hashes.append(
-                w3.eth.send_transaction(
-                    cast("Any", {"from": sender, "to": receiver, "value": int(eth_wei)})
-                )
-            )
-        if token_wei:
-            hashes.append(contract.functions.mint(receiver, token_wei).transact({"from": sender}))
-        receipts = [w3.eth.wait_for_transaction_receipt(h, timeout=timeout) for h in hashes]
-    except Exception as e:
-        raise PaymentError(f"funding {receiver} from {sender} failed: {e}") from e
-    if any(r["status"] != 1 for r in receipts):
-        raise PaymentError(f"a funding transaction from {sender} to {receiver} reverted")

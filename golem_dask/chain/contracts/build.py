@@ -1,7 +1,7 @@
 """Compile the shipped Vyper contracts into JSON artefacts.
 
-Run ``python -m golem_dask.payment.contracts.build`` after editing a ``*.vy`` file in
-this folder, and ``python -m golem_dask.payment.contracts.build --check`` in CI to fail
+Run ``python -m golem_dask.chain.contracts.build`` after editing a ``*.vy`` file in
+this folder, and ``python -m golem_dask.chain.contracts.build --check`` in CI to fail
 when a shipped artefact no longer matches its source.  Needs the pinned compiler
 (``pip install 'golem-dask[contracts]'``); the library itself only reads the artefacts.
 """
@@ -145,7 +145,7 @@ def build(directory: Path = CONTRACTS_DIR, *, check: bool = False) -> list[Path]
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m golem_dask.payment.contracts.build",
+        prog="python -m golem_dask.chain.contracts.build",
         description="Compile golem-dask's Vyper contracts into JSON artefacts.",
     )
     parser.add_argument(
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in changed:
             print(
                 f"stale: {path} does not match its source; run "
-                "`python -m golem_dask.payment.contracts.build`",
+                "`python -m golem_dask.chain.contracts.build`",
                 file=sys.stderr,
             )
         if not changed:

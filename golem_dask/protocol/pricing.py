@@ -2,15 +2,21 @@
 
 In properties (as on the public Golem network) ``golem.com.usage.vector`` names the
 counters and ``golem.com.pricing.model.linear.coeffs`` holds one price per counter,
-per second of CPU or of wall time, followed by the fixed start price.  Here every price
-is a ``Decimal`` and every amount is rounded to whole wei, the same way on both sides.
+per second of CPU or of wall time, followed by the fixed start price.
+
+Every coefficient is kept exactly as the offer states it (a ``Decimal`` read from its
+text).  Usage is multiplied by it without rounding and only the amount due is rounded,
+to whole wei, the same way on both sides.  Prices per hour (what users cap and read) are
+derived from the coefficients and rounded to the wei: an hourly price that a provider
+turned into a per-second coefficient (0.0501 / 3600 has no finite decimal form) comes
+back as exactly the price it set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
 from golem_dask.errors import ProtocolError
@@ -18,11 +24,22 @@ from golem_dask.protocol import properties as P
 
 WEI = Decimal("1e-18")
 _HOUR = Decimal(3600)
+#: Digits kept while multiplying usage by prices: far more than any amount needs, so the
+#: only rounding is quantize()'s, to whole wei.
+_EXACT_DIGITS = 80
 
 
 def quantize(amount: Decimal) -> Decimal:
     """Round a token amount to whole wei (banker's rounding, as both sides do)."""
-    return amount.quantize(WEI, rounding=ROUND_HALF_EVEN).normalize() if amount else Decimal(0)
+    if not amount:
+        return Decimal(0)
+    with localcontext(prec=_EXACT_DIGITS):
+        return amount.quantize(WEI, rounding=ROUND_HALF_EVEN).normalize()
+
+
+def _per_hour(per_second: Decimal) -> Decimal:
+    with localcontext(prec=_EXACT_DIGITS):
+        return quantize(per_second * _HOUR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +59,22 @@ class LinearPricing:
 
     @classmethod
     def per_hour(cls, cpu: Decimal, duration: Decimal, start: Decimal = Decimal(0)) -> LinearPricing:
-        """Build from prices per CPU hour and per hour of wall time."""
+        """Build from prices per CPU hour and per hour of wall time (a provider's settings).
+
+        The per-second coefficients carry 28 significant digits; :attr:`price_per_cpu_hour`
+        gives back exactly ``cpu`` for any price with at most 18 decimals.
+        """
         return cls(cpu / _HOUR, duration / _HOUR, start)
 
     @property
     def price_per_cpu_hour(self) -> Decimal:
-        return (self.price_per_cpu_second * _HOUR).normalize()
+        """The CPU price per hour, to the wei."""
+        return _per_hour(self.price_per_cpu_second)
 
     @property
     def price_per_hour(self) -> Decimal:
-        return (self.price_per_second * _HOUR).normalize()
+        """The wall-time price per hour, to the wei."""
+        return _per_hour(self.price_per_second)
 
     def to_properties(self) -> dict[str, Any]:
         return {
@@ -88,7 +111,9 @@ class LinearPricing:
         """The amount due for ``usage`` (counter name -> value), rounded to wei."""
         cpu = Decimal(usage.get(P.USAGE_CPU_SEC, 0))
         duration = Decimal(usage.get(P.USAGE_DURATION_SEC, 0))
-        return quantize(self.start_price + cpu * self.price_per_cpu_second + duration * self.price_per_second)
+        with localcontext(prec=_EXACT_DIGITS):
+            exact = self.start_price + cpu * self.price_per_cpu_second + duration * self.price_per_second
+        return quantize(exact)
 
     def estimate(self, threads: int, seconds: Decimal, utilisation: Decimal = Decimal(1)) -> Decimal:
         """Expected cost of ``threads`` busy at ``utilisation`` for ``seconds``."""

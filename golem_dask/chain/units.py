@@ -1,0 +1,36 @@
+"""Token amounts: ``Decimal`` token units for people and protocol messages, integer wei on chain."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+#: Every ERC-20 token golem-dask pays with has 18 decimals, like GLM.
+TOKEN_DECIMALS = 18
+WEI_PER_TOKEN = 10**TOKEN_DECIMALS
+
+
+def to_wei(amount: Decimal) -> int:
+    """Convert a token amount to integer wei, refusing amounts finer than one wei.
+
+    Examples
+    --------
+    >>> to_wei(Decimal("1.5"))
+    1500000000000000000
+    """
+    wei = amount * WEI_PER_TOKEN
+    if wei != wei.to_integral_value():
+        raise ValueError(f"{amount} has more than {TOKEN_DECIMALS} decimals")
+    return int(wei)
+
+
+def from_wei(wei: int) -> Decimal:
+    """Convert integer wei to a ``Decimal`` token amount.
+
+    Examples
+    --------
+    >>> from_wei(1500000000000000000)
+    Decimal('1.5')
+    """
+    amount = Decimal(wei).scaleb(-TOKEN_DECIMALS).normalize()
+    # normalize() writes whole tens as 1E+1; keep plain notation for people and logs.
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
