@@ -35,10 +35,11 @@ async def main(args: argparse.Namespace) -> int:
 
     from golem_dask.market.base import OfferReceived
     from golem_dask.market.demand import DemandSpec
-    from golem_dask.market.hub import HubMarket, HubServer
+    from golem_dask.market.hub import HubServer
+    from golem_dask.market.hub_market import HubMarket
     from golem_dask.market.negotiation import Negotiator, score
     from golem_dask.protocol.pricing import LinearPricing
-    from golem_dask.payment.accountant import Budget
+    from golem_dask.payment.budget import Budget
     from golem_dask.protocol.identity import Wallet
     from golem_dask.protocol.messages import Issuer, Proposal, now_ms
     from golem_dask.protocol.properties import Resources

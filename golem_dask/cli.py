@@ -112,11 +112,12 @@ def provider(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from golem_dask import config
-    from golem_dask.cluster import local_providers
     from golem_dask.errors import GolemDaskError
     from golem_dask.protocol.identity import Wallet
     from golem_dask.provider.agent import ProviderAgent
-    from golem_dask.provider.daemon import PaymentCheck, ProviderDaemon
+    from golem_dask.provider.daemon import ProviderDaemon
+    from golem_dask.provider.factory import make_runtime, provider_settings
+    from golem_dask.provider.payment_check import PaymentCheck
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -125,10 +126,10 @@ def provider(args: argparse.Namespace) -> int:
         else:
             wallet = Wallet.from_env(args.key_env)
         entry = {"name": args.name, "cpu": args.cpu, "memory": args.memory, "storage": args.storage,
-                 "runtime": args.runtime, "price-per-cpu-hour": args.price_per_cpu_hour,
-                 "price-per-hour": args.price_per_hour, "start-price": args.start_price}
-        (template,) = local_providers(config.get("payment.platform"), [entry], runtime=args.runtime)
-        agent = ProviderAgent(template.settings, template.runtime, wallet.address)
+                 "price-per-cpu-hour": args.price_per_cpu_hour, "price-per-hour": args.price_per_hour,
+                 "start-price": args.start_price}
+        settings = provider_settings(entry, config.get("payment.platform"))
+        agent = ProviderAgent(settings, make_runtime(args.runtime, args.name), wallet.address)
         rpc = args.rpc_url or config.get("payment.rpc-url")
         token = config.address("payment.token-address", args.token_address)
         check = PaymentCheck(rpc, str(token)) if rpc and token else None

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import base64
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from distributed.core import Status
-from distributed.security import Security
 from distributed.deploy.spec import SpecCluster
 
 from golem_dask import config
@@ -26,134 +23,43 @@ from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
-from golem_dask.protocol.pricing import LinearPricing
-from golem_dask.payment.accountant import Accountant, Bill, Budget, Tolerance
+from golem_dask.payment.accountant import Accountant, Tolerance
 from golem_dask.payment.base import Payer
+from golem_dask.payment.bill import Bill
+from golem_dask.payment.budget import Budget
 from golem_dask.protocol.messages import ExeCommand
-from golem_dask.protocol.properties import Resources
-from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts
+from golem_dask.provider.factory import embedded_agents, plan_runtime
+from golem_dask.provider.runtime.base import Runtime
+from golem_dask.tls import TLS_ARGS, temporary_security, tls_commands
+from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, meter_cpu
 
 logger = logging.getLogger(__name__)
 
 
-def local_providers(
-    platform: str,
-    entries: Sequence[dict[str, Any]] | None = None,
-    runtime: str = "process",
-    image: str | None = None,
-    docker_client: Any = None,
-) -> list[Any]:
-    """Provider agents for the embedded market, from ``golem.provider.local``.
-
-    Each entry may set ``name``, ``cpu``, ``memory``, ``storage``, ``runtime``
-    (``process``, ``docker``, or ``auto`` for the given ``runtime``),
-    ``price-per-cpu-hour``, ``price-per-hour`` and ``start-price``.  Docker providers
-    use ``docker_client`` when given (an engine connection already open).
-    """
-    import psutil
-
-    from golem_dask.protocol.identity import Wallet
-    from golem_dask.provider.agent import ProviderAgent, ProviderSettings
-    from golem_dask.provider.runtime.process import ProcessRuntime
-
-    entries = config.get("provider.local", entries) or []
-    interval = config.seconds("provider.debit-note-interval")
-    agents = []
-    for i, entry in enumerate(entries):
-        name = entry.get("name") or f"local-{i}"
-        what = f"golem.provider.local[{i}]"
-        cpu = entry.get("cpu") or os.cpu_count() or 1
-        memory = entry.get("memory") or int(psutil.virtual_memory().total * 0.8)
-        runtime_name = entry.get("runtime") or "auto"
-        if runtime_name == "auto":
-            runtime_name = runtime
-        if runtime_name not in ("process", "docker"):
-            raise ConfigError(f"{what}.runtime={runtime_name!r}: use 'process', 'docker' or 'auto'")
-        pricing = LinearPricing.per_hour(
-            cpu=config.to_decimal(entry.get("price-per-cpu-hour", "0.1"), f"{what}.price-per-cpu-hour") or Decimal(0),
-            duration=config.to_decimal(entry.get("price-per-hour", "0.02"), f"{what}.price-per-hour") or Decimal(0),
-            start=config.to_decimal(entry.get("start-price", "0"), f"{what}.start-price") or Decimal(0),
-        )
-        settings = ProviderSettings(
-            name=name,
-            capacity=Resources(
-                cpu_threads=int(cpu),
-                memory_bytes=config.byte_size(memory, f"{what}.memory"),
-                storage_bytes=config.byte_size(entry.get("storage") or "10GiB", f"{what}.storage"),
-            ),
-            pricing=pricing,
-            platform=platform,
-            debit_note_interval_s=interval,
-        )
-        if runtime_name == "docker":
-            from golem_dask.image import default_tag
-            from golem_dask.provider.runtime.docker import DockerRuntime
-
-            engine_runtime: Any = DockerRuntime(image or default_tag(), config.get("provider.docker-network"), name,
-                                                client=docker_client)
-        else:
-            engine_runtime = ProcessRuntime()
-        agents.append(ProviderAgent(settings, engine_runtime, Wallet.generate().address))
-    return agents
+def backend_of(market: Market | str | None) -> str | Market:
+    """``"local"``, ``"tcp://..."``, another backend name, or the Market object itself."""
+    if isinstance(market, Market):
+        return market
+    return config.get("market.backend", market) or "local"
 
 
-TLS_FILES = {"ca": "/golem/tls/ca.pem", "cert": "/golem/tls/cert.pem", "key": "/golem/tls/key.pem"}
-TLS_ARGS = ("--tls-ca-file", TLS_FILES["ca"], "--tls-cert", TLS_FILES["cert"], "--tls-key", TLS_FILES["key"])
+def make_market(backend: str, payer: Payer, agents: Any) -> Market:
+    """The market named ``backend``; ``agents()`` makes the embedded market's providers."""
+    if backend == "local":
+        from golem_dask.market.local import LocalMarket
 
+        return LocalMarket(agents())
+    if backend.startswith("tcp://"):
+        from golem_dask.market.hub_market import HubMarket
 
-#: How long the cluster's start waits for the first rentals' exe-scripts to be sent
-#: before it builds the scheduler.
-HEAD_START_S = 0.05
-
-
-def temporary_security() -> Security:
-    """A fresh self-signed certificate for scheduler, workers and client, in memory.
-
-    Like ``Security.temporary()`` but with an EC P-256 key: an RSA-2048 key takes tens
-    of milliseconds to make, on every cluster start.
-    """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "golem-dask")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("golem-dask")]), critical=False)
-        .sign(key, hashes.SHA256())
+        wallet = getattr(payer, "wallet", None)
+        if wallet is None:
+            raise ConfigError("a hub market needs a payer with a wallet to sign messages (EthereumPayer)")
+        return HubMarket(backend, wallet)
+    raise ConfigError(
+        f"market={backend!r} is not available; use market='local' (the embedded market), "
+        "'tcp://HOST:PORT' (a golem-dask hub) or pass a Market object"
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    return Security(
-        require_encryption=True,
-        tls_ca_file=cert_pem,
-        tls_scheduler_cert=cert_pem, tls_scheduler_key=key_pem,
-        tls_worker_cert=cert_pem, tls_worker_key=key_pem,
-        tls_client_cert=cert_pem, tls_client_key=key_pem,
-    )
-
-
-def _data_url(text: str) -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(text.encode()).decode()
-
-
-def tls_commands(security: Security) -> list[ExeCommand]:
-    """Ship the worker's temporary certificate and key into the sandbox (never the image)."""
-    files = {k: getattr(security, attr) for k, attr in (("ca", "tls_ca_file"), ("cert", "tls_worker_cert"), ("key", "tls_worker_key"))}
-    return [ExeCommand("transfer", {"from": _data_url(str(files[k])), "to": path}) for k, path in TLS_FILES.items()]
 
 
 def _protocol(url: str) -> str:
@@ -183,6 +89,15 @@ def transfer_commands(
     return setup, collect
 
 
+def tolerance_from_config() -> Tolerance:
+    """How far a provider's usage may exceed our metering (``golem.payment.*``)."""
+    return Tolerance(
+        relative=Decimal(str(config.get("payment.usage-tolerance"))),
+        cpu_allowance_sec=Decimal(str(config.seconds("payment.cpu-allowance"))),
+        duration_allowance_sec=Decimal(str(config.seconds("payment.duration-allowance"))),
+    )
+
+
 class GolemCluster(SpecCluster):
     """A Dask cluster of workers rented on a Golem-protocol market.
 
@@ -201,9 +116,20 @@ class GolemCluster(SpecCluster):
         Extra constraints on offers in Golem's filter language, e.g.
         ``"(golem.node.id.name=lab-*)"``.  Parsed at once: a syntax error raises here.
     runtime:
-        Require providers with this runtime (``"process"`` or ``"docker"``).
+        Require providers with this runtime (``"process"`` or ``"docker"``), or a
+        :class:`~golem_dask.provider.runtime.base.Runtime` object for the embedded
+        market's providers to run workers with.
+    image:
+        The worker image docker providers run (default: the one matching this client).
+    inputs, outputs, storage_options:
+        Files copied into each worker's sandbox before it starts (URL -> ``/golem/...``)
+        and out of it when it is retired (``/golem/...`` -> URL), through fsspec, with
+        fsspec options per protocol.
+    tls:
+        Encrypt scheduler-worker traffic (default: for docker workers).
     market:
-        ``None``/``"local"`` for the embedded market, or a :class:`~golem_dask.market.base.Market`.
+        ``None``/``"local"`` for the embedded market, ``"tcp://HOST:PORT"`` for a hub,
+        or a :class:`~golem_dask.market.base.Market`.
     payer:
         A :class:`~golem_dask.payment.base.Payer`; by default a fresh wallet on the
         embedded Ethereum devnet, funded with ``budget``.
@@ -232,7 +158,7 @@ class GolemCluster(SpecCluster):
         max_price_per_hour: Any = None,
         max_start_price: Any = None,
         constraints: str | None = None,
-        runtime: str | None = None,
+        runtime: str | Runtime | None = None,
         image: str | None = None,
         inputs: Mapping[str, str] | None = None,
         outputs: Mapping[str, str] | None = None,
@@ -250,25 +176,15 @@ class GolemCluster(SpecCluster):
         # Everything that can be wrong with the arguments fails here, before any
         # process, market or chain is started.
         self.events = EventLog()
-        self._docker_client: Any = None  # handed from the runtime check to the embedded providers
-        embedded = not isinstance(market, Market) and config.get("market.backend", market) in (None, "local")
-        runtime = config.get("demand.runtime", runtime)
-        if runtime not in (None, "process", "docker"):
-            raise ConfigError(f"runtime={runtime!r}: use 'process', 'docker' or None")
-        auto = embedded and any((e.get("runtime") or "auto") == "auto" for e in config.get("provider.local") or [])
-        if runtime == "docker" or (auto and runtime is None):
-            image = config.get("demand.image", image)
-            runtime = self._pick_runtime(runtime, image, embedded)
-        self.runtime = runtime
+        backend = backend_of(market)
+        plan = plan_runtime(config.get("demand.runtime", runtime), config.get("demand.image", image),
+                            embedded=backend == "local")
+        if plan.reason:
+            self.events.emit("runtime", plan.reason)
+        self.runtime = plan.name
         self.spec = DemandSpec.from_kwargs(
-            cpu=cpu,
-            memory=memory,
-            storage=storage,
-            runtime=runtime,
-            image=image if runtime == "docker" else None,
-            constraints=constraints,
-            max_price_per_cpu_hour=max_price_per_cpu_hour,
-            max_price_per_hour=max_price_per_hour,
+            cpu=cpu, memory=memory, storage=storage, runtime=plan.name, image=plan.image, constraints=constraints,
+            max_price_per_cpu_hour=max_price_per_cpu_hour, max_price_per_hour=max_price_per_hour,
             max_start_price=max_start_price,
         )
         total = config.decimal("payment.budget", budget, "budget")
@@ -278,39 +194,46 @@ class GolemCluster(SpecCluster):
 
             payer = default_payer(total, self.spec.platform)
         self.payer = payer
-        self.market = self._make_market(market)
+        self.market = backend if isinstance(backend, Market) else make_market(
+            backend, payer, lambda: embedded_agents(self.spec.platform, runtime=plan.embedded, image=plan.image,
+                                                    docker_client=plan.docker_client))
+        self.budget = Budget(total)
+        self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
+        self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events)
         use_tls = config.get("cluster.tls", tls)
-        use_tls = runtime == "docker" if use_tls is None else bool(use_tls)
-        bridge = runtime == "docker" and embedded and config.get("provider.docker-network") != "host"
-        security = temporary_security() if use_tls else None
+        security = temporary_security() if (self.runtime == "docker" if use_tls is None else use_tls) else None
+        bridge = self.runtime == "docker" and backend == "local" and config.get("provider.docker-network") != "host"
+        self.registrations = Registrations()
+        self._parts = self._requestor_parts(security, inputs, outputs, storage_options, worker_options, bridge)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._golem_started = False
+        self._golem_closed = False
+        scheduler = {"cls": "distributed.Scheduler", "options": {
+            # On a docker bridge the workers dial the host's gateway address.
+            "host": "0.0.0.0" if bridge else "127.0.0.1",
+            "port": 0,
+            "dashboard_address": ":0",
+            "protocol": "tls" if security is not None else "tcp",
+            "security": security,
+            **(scheduler_options or {}),
+        }}
+        worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
+        n = n_workers if n_workers is not None else 0
+        super().__init__(workers={self._new_worker_name(i): worker for i in range(n)}, scheduler=scheduler,
+                         worker=worker, asynchronous=asynchronous, loop=loop, name=name,
+                         silence_logs=silence_logs, security=security)
+        self._i = n
+
+    # -- construction helpers ---------------------------------------------------------
+
+    def _requestor_parts(self, security: Any, inputs: Mapping[str, str] | None, outputs: Mapping[str, str] | None,
+                         storage_options: Mapping[str, Mapping[str, Any]] | None, worker_options: Sequence[str],
+                         bridge: bool) -> RequestorParts:
         setup, collect = transfer_commands(inputs or {}, outputs or {}, storage_options or {})
         if security is not None:
             setup = tls_commands(security) + setup
             worker_options = (*TLS_ARGS, *worker_options)
-        self.budget = Budget(total)
-        self.accountant = Accountant(
-            payer,
-            self.budget,
-            Tolerance(
-                relative=Decimal(str(config.get("payment.usage-tolerance"))),
-                cpu_allowance_sec=Decimal(str(config.seconds("payment.cpu-allowance"))),
-                duration_allowance_sec=Decimal(str(config.seconds("payment.duration-allowance"))),
-            ),
-            self.events,
-        )
-        self.negotiator = Negotiator(
-            self.market,
-            self.spec,
-            payer.address,
-            self.budget,
-            negotiation_timeout_s=config.seconds("market.negotiation-timeout"),
-            approval_timeout_s=config.seconds("market.approval-timeout"),
-            expected_s=Decimal(str(config.seconds("market.expected-duration"))),
-            utilisation=Decimal(str(config.get("market.expected-utilisation"))),
-            events=self.events,
-        )
-        self.registrations = Registrations()
-        self._parts = RequestorParts(
+        return RequestorParts(
             market=self.market,
             negotiator=self.negotiator,
             accountant=self.accountant,
@@ -325,98 +248,6 @@ class GolemCluster(SpecCluster):
             collect=tuple(collect),
             scheduler_host="host.docker.internal" if bridge else None,
         )
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._golem_started = False
-        self._golem_closed = False
-        scheduler = {
-            "cls": "distributed.Scheduler",
-            "options": {
-                # On a docker bridge the workers dial the host's gateway address.
-                "host": "0.0.0.0" if bridge else "127.0.0.1",
-                "port": 0,
-                "dashboard_address": ":0",
-                "protocol": "tls" if security is not None else "tcp",
-                "security": security,
-                **(scheduler_options or {}),
-            },
-        }
-        worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
-        n = n_workers if n_workers is not None else 0
-        super().__init__(
-            workers={self._new_worker_name(i): worker for i in range(n)},
-            scheduler=scheduler,
-            worker=worker,
-            asynchronous=asynchronous,
-            loop=loop,
-            name=name,
-            silence_logs=silence_logs,
-            security=security,
-        )
-        self._i = n
-
-    # -- construction helpers ---------------------------------------------------------
-
-    def _make_market(self, market: Market | str | None) -> Market:
-        if isinstance(market, Market):
-            return market
-        backend = config.get("market.backend", market)
-        if backend in (None, "local"):
-            from golem_dask.market.local import LocalMarket
-
-            return LocalMarket(local_providers(self.spec.platform, runtime=self.runtime or "process",
-                                              image=self.spec.image, docker_client=self._docker_client))
-        if isinstance(backend, str) and backend.startswith("tcp://"):
-            from golem_dask.market.hub import HubMarket
-
-            wallet = getattr(self.payer, "wallet", None)
-            if wallet is None:
-                raise ConfigError("a hub market needs a payer with a wallet to sign messages (EthereumPayer)")
-            return HubMarket(backend, wallet)
-        raise ConfigError(
-            f"market={backend!r} is not available; use market='local' (the embedded market), "
-            "'tcp://HOST:PORT' (a golem-dask hub) or pass a Market object"
-        )
-
-    def _pick_runtime(self, runtime: str | None, image: str | None, embedded: bool) -> str:
-        """Docker if asked for or, by default, if an engine answers and has the image."""
-        from golem_dask.errors import ActivityError
-        from golem_dask.image import check_image, default_tag
-        from golem_dask.provider.runtime.docker import engine
-
-        image = image or default_tag()
-        try:
-            client = engine(5.0 if runtime == "docker" and embedded else 2.0)
-        except (ActivityError, ConfigError):  # no engine, or no docker SDK installed
-            if runtime == "docker" and embedded:
-                raise
-            if runtime is None:
-                self.events.emit("runtime", "process runtime: no Docker engine answers")
-                return "process"
-            return "docker"  # remote providers deploy the image; nothing to check here
-        keep = False
-        try:
-            import docker
-
-            try:
-                found = client.images.get(image)
-            except docker.errors.ImageNotFound:
-                if runtime == "docker":
-                    raise ConfigError(f"image {image!r} is not on this machine; build it with "
-                                      "'golem-dask image build'") from None
-                self.events.emit("runtime", f"process runtime: Docker answers but image {image} is missing "
-                                 "(build it with 'golem-dask image build')")
-                return "process"
-            # Versions are checked before negotiating: a mismatch would only show as
-            # workers the scheduler refuses.
-            check_image(found)
-            # The embedded providers reuse this connection (each new one costs ~15 ms).
-            keep = embedded
-            self._docker_client = client if keep else None
-        finally:
-            if not keep:
-                client.close()
-        self.events.emit("runtime", f"docker runtime with image {image}")
-        return "docker"
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"golem-{worker_number}"
@@ -445,9 +276,9 @@ class GolemCluster(SpecCluster):
                 if early:
                     # Building the scheduler holds the event loop for ~15 ms: let the
                     # rentals send their exe-scripts first (the embedded market signs in
-                    # milliseconds; a remote one gets at most HEAD_START_S).
+                    # milliseconds; a remote one gets at most golem.cluster.head-start).
                     waiters = [asyncio.ensure_future(r.under_way()) for r in early]
-                    await asyncio.wait(waiters, timeout=HEAD_START_S)
+                    await asyncio.wait(waiters, timeout=config.seconds("cluster.head-start"))
                     for waiter in waiters:
                         waiter.cancel()
             except BaseException:
@@ -456,7 +287,9 @@ class GolemCluster(SpecCluster):
         await super()._start()
         if self.scheduler is not None and "golem-registrations" not in self.scheduler.plugins:
             self.scheduler.add_plugin(self.registrations)
-            self._spawn(self._meter(), "golem-metering")
+            self._spawn(meter_cpu(lambda: self.scheduler, lambda name: getattr(self.workers.get(name), "agreement_id",
+                                                                                None),
+                                  self.accountant, config.seconds("payment.metering-interval")), "golem-metering")
 
     async def _answer_documents(self) -> None:
         async for document in self.market.payment_events():
@@ -464,27 +297,6 @@ class GolemCluster(SpecCluster):
                 await self.accountant.on_document(self.market, document)
             except Exception:
                 logger.exception("could not answer %s", type(document).__name__)
-
-    async def _meter(self) -> None:
-        """Integrate the CPU the scheduler sees each worker use: our own metering."""
-        interval = config.seconds("payment.metering-interval")
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            elapsed = Decimal(str(round(now - last, 3)))
-            last = now
-            scheduler = self.scheduler
-            if scheduler is None:
-                continue
-            for ws in list(scheduler.workers.values()):
-                worker = self.workers.get(ws.name)
-                agreement_id = getattr(worker, "agreement_id", None)
-                if agreement_id is None:
-                    continue
-                percent = Decimal(str(ws.metrics.get("cpu", 0) or 0))
-                self.accountant.observe_cpu(agreement_id, percent / 100 * elapsed)
 
     async def _correct_state_internal(self) -> None:
         # SpecCluster fails the whole cluster when one worker fails to start.  A worker

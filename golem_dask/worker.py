@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from distributed.core import Status
@@ -313,6 +314,30 @@ class GolemWorker(ProcessInterface):
                            self.name, self.parts.close_timeout_s)
         finally:
             await super().close()
+
+
+async def meter_cpu(scheduler: Callable[[], Any], agreement_of: Callable[[str], str | None],
+                    accountant: Accountant, interval_s: float) -> None:
+    """Integrate the CPU the scheduler sees each worker use: the requestor's own metering.
+
+    ``scheduler()`` gives the running scheduler (or None), ``agreement_of(name)`` the
+    agreement of the worker of that name (or None).  Runs until cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = loop.time()
+        elapsed = Decimal(str(round(now - last, 3)))
+        last = now
+        current = scheduler()
+        if current is None:
+            continue
+        for ws in list(current.workers.values()):
+            agreement_id = agreement_of(ws.name)
+            if agreement_id is not None:
+                percent = Decimal(str(ws.metrics.get("cpu", 0) or 0))
+                accountant.observe_cpu(agreement_id, percent / 100 * elapsed)
 
 
 async def _attempt(coro: Any, what: str) -> Any:

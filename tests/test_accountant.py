@@ -5,7 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from golem_dask.protocol.pricing import LinearPricing
-from golem_dask.payment.accountant import AgreementAccount, Bill, BillEntry, EntryStatus, Tolerance, check_usage
+from golem_dask.payment.accountant import AgreementAccount, Tolerance, check_usage
+from golem_dask.payment.bill import Bill, BillEntry, EntryStatus
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, Issuer, Proposal
 
@@ -92,7 +93,8 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
 
     from eth_account import Account
 
-    from golem_dask.payment.accountant import Accountant, Budget, max_due
+    from golem_dask.payment.accountant import Accountant, max_due
+    from golem_dask.payment.budget import Budget
     from golem_dask.payment.ethereum import EthereumPayer
     from golem_dask.protocol.messages import Invoice
 

@@ -21,7 +21,7 @@ import pytest
 from distributed import Client
 
 from golem_dask import GolemCluster
-from golem_dask.cluster import local_providers
+from golem_dask.provider.factory import embedded_agents
 from golem_dask.errors import ConstraintSyntaxError, NoOffersError
 from golem_dask.market.local import LocalMarket
 from golem_dask.chain.units import from_wei
@@ -153,8 +153,8 @@ class InflatingAgent(ProviderAgent):
 
 
 def test_inflated_invoice_is_rejected_and_not_paid() -> None:
-    honest, = local_providers("erc20-devnet-glm", [provider("honest", 1, "0.1")])
-    template, = local_providers("erc20-devnet-glm", [provider("cheat", 1, "0.01")])
+    honest, = embedded_agents("erc20-devnet-glm", [provider("honest", 1, "0.1")])
+    template, = embedded_agents("erc20-devnet-glm", [provider("cheat", 1, "0.01")])
     cheat = InflatingAgent(template.settings, template.runtime, template.id)
     market = LocalMarket([honest, cheat])
     with GolemCluster(n_workers=2, budget="2", market=market) as cluster:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,8 +24,9 @@ import pytest
 from distributed import Client
 
 from docker_support import docker_client, no_leaked_containers, our_containers  # noqa: F401
+from net_support import free_port
 from golem_dask import GolemCluster
-from golem_dask.cluster import local_providers
+from golem_dask.provider.factory import embedded_agents
 from golem_dask.errors import ActivityError, ConfigError
 from golem_dask.image import VERSIONS_LABEL, default_tag
 from golem_dask.market.local import LocalMarket
@@ -51,12 +50,6 @@ def docker_config():
         "golem.market.negotiation-timeout": "10s",
     }):
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -185,7 +178,7 @@ def test_mismatched_image_is_refused_before_negotiation(docker_client, tmp_path)
 
 
 def test_missing_input_fails_clearly_pays_nothing_leaves_nothing(docker_client, tmp_path):
-    (agent,) = local_providers("erc20-devnet-glm", [PROVIDER], runtime="docker")
+    (agent,) = embedded_agents("erc20-devnet-glm", [PROVIDER], runtime="docker")
     payer = EthereumPayer.embedded(Decimal(1))
     missing = f"file://{tmp_path}/no-such-file.csv"
     with pytest.raises(ActivityError) as info:
@@ -360,7 +353,7 @@ def test_image_that_cannot_run_the_entry_script_fails_clearly(docker_client, tmp
         asyncio.run(main())
         assert our_containers(docker_client) == []
 
-        (agent,) = local_providers("erc20-devnet-glm", [PROVIDER], runtime="docker")
+        (agent,) = embedded_agents("erc20-devnet-glm", [PROVIDER], runtime="docker")
         payer = EthereumPayer.embedded(Decimal(1))
         with pytest.raises(ActivityError) as info:
             GolemCluster(n_workers=1, runtime="docker", image=no_dask, market=LocalMarket([agent]), payer=payer)

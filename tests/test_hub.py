@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,28 +22,13 @@ import pytest
 from distributed import Client
 
 from anvil_support import anvil  # noqa: F401
+from net_support import free_port, wait_port
 from golem_dask import GolemCluster
 from golem_dask.chain.deploy import fund
 from golem_dask.protocol.identity import Wallet
 from test_payment_durability import balance, chain_config
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:

@@ -8,10 +8,10 @@ import pytest
 
 from golem_dask.errors import BudgetExceededError, ConfigError, ConstraintSyntaxError
 from golem_dask.market.demand import DemandSpec, PriceCaps
-from golem_dask.market.local import matches
+from golem_dask.market.matching import matches
 from golem_dask.market.negotiation import Candidate, rank, score, summarize
 from golem_dask.protocol.pricing import LinearPricing
-from golem_dask.payment.accountant import Budget
+from golem_dask.payment.budget import Budget
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Issuer, Offer, Proposal
 
@@ -139,3 +139,35 @@ def test_budget_reserves_worst_case_and_releases_the_rest() -> None:
     b.release("b")
     assert b.remaining == Decimal("0.17")
     assert b.spent == Decimal("0.01")
+
+
+def test_a_cap_equal_to_the_offered_hourly_price_admits_it_at_every_price() -> None:
+    """0.0500 to 0.5000 GLM per cpu-hour in 0.0001 steps: an offer made by a provider at
+    that hourly price, sent over the wire, is within a cap equal to it and shows that
+    exact price; one step more is refused.  (Prices used to be stored per second and
+    converted back, which refused 633 of these 4,501 at their own cap.)"""
+    from golem_dask.protocol.wire import decode, encode
+
+    refused, shown = [], []
+    for step in range(500, 5001):
+        price = Decimal(step).scaleb(-4)
+        received = decode(encode(as_proposal(offer(cpu_hour=str(price), hour=str(price)))))
+        at_cap = score(received, spec(max_price_per_cpu_hour=str(price), max_price_per_hour=str(price)),
+                       Decimal(3600), Decimal(1))
+        if not isinstance(at_cap, Candidate):
+            refused.append((price, at_cap))
+            continue
+        if at_cap.pricing.price_per_cpu_hour != price or at_cap.pricing.price_per_hour != price:
+            shown.append((price, at_cap.pricing.price_per_cpu_hour))
+        below = score(received, spec(max_price_per_cpu_hour=str(price - Decimal("0.0001"))), Decimal(3600), Decimal(1))
+        assert isinstance(below, str) and below.startswith("over max_price_per_cpu_hour"), price
+    assert refused == [] and shown == []
+
+
+def test_prices_print_as_offered() -> None:
+    pricing = LinearPricing.from_properties(offer_props(cpu_hour="0.0696", hour="0.02"))
+    assert f"{pricing.price_per_cpu_hour} GLM/cpu-hour" == "0.0696 GLM/cpu-hour"
+    assert str(pricing.price_per_hour) == "0.02"
+    # The per-second coefficients are kept as the offer states them.
+    stated = offer_props(cpu_hour="0.0696")[P.LINEAR_COEFFS]
+    assert LinearPricing.from_properties(offer_props(cpu_hour="0.0696")).price_per_cpu_second == stated[0]

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from golem_dask.chain import rpc
 from golem_dask.errors import GolemDaskError, PaymentError
+from golem_dask.protocol.identity import checksum_address
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -120,8 +121,9 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-class _Resources:
-    """What must be released even if an :class:`AnvilNode` is never stopped.
+class _AnvilProcess:
+    """The anvil process and the directory an :class:`AnvilNode` owns: started, waited
+    for, stopped, and released even if the node is never stopped.
 
     Kept apart from the node so that a :func:`weakref.finalize` can hold it without
     keeping the node alive.
@@ -155,6 +157,50 @@ class _Resources:
         owned, self.owned_dir = self.owned_dir, None
         if owned is not None:
             shutil.rmtree(owned, ignore_errors=True)
+
+    def launch(self, cmd: list[str], url: str, log_path: Path, startup_timeout: float) -> tuple[int, list[str]]:
+        """Start ``cmd`` (output appended to ``log_path``) and wait until ``url`` answers;
+        returns the node's chain id and its dev accounts.
+
+        Raises :class:`_PortTaken` if anvil exits because its port is in use, AnvilError
+        if it exits otherwise or does not answer within ``startup_timeout``.
+        """
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            # Own session: a Ctrl-C meant for the test run does not kill anvil before the
+            # fixture's teardown has asked it to save its state.
+            proc = self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            code = proc.poll()
+            if code is not None:
+                self.proc = None
+                output = _read_from(log_path, log_start)
+                if "in use" in output.lower():
+                    raise _PortTaken
+                raise AnvilError(f"anvil exited with code {code} before answering on {url}; "
+                                 f"its output ({log_path}):\n{output[-2000:]}")
+            try:
+                return int(rpc.call(url, "eth_chainId", timeout_s=1.0), 16), rpc.call(url, "eth_accounts", timeout_s=5.0)
+            except (OSError, ValueError, PaymentError):
+                # Not listening yet (connection refused, reset) or not ready.
+                if time.monotonic() > deadline:
+                    self.stop(timeout=5.0)
+                    raise AnvilError(f"anvil (pid {proc.pid}) did not answer on {url} within {startup_timeout:.0f} s; "
+                                     f"its output ({log_path}):\n{_read_from(log_path, log_start)[-2000:]}") from None
+                time.sleep(0.02)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class AnvilNode:
@@ -236,7 +282,7 @@ class AnvilNode:
         self._extra_args = [str(a) for a in extra_args]
         self._port: int | None = port
         self._accounts: list[str] = []
-        self._resources = _Resources()
+        self._resources = _AnvilProcess()
         if state_dir is None:
             self._resources.owned_dir = Path(tempfile.mkdtemp(prefix="golem-dask-anvil-"))
             self.state_dir = self._resources.owned_dir
@@ -345,74 +391,17 @@ class AnvilNode:
         return cmd + self._extra_args
 
     def _launch(self) -> None:
-        cmd = self._command()
-        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C meant for the test run does not kill anvil
-                # before the fixture's teardown has asked it to save its state.
-                start_new_session=True,
-                close_fds=True,
-            )
-        self._resources.proc = proc
         started = time.monotonic()
-        deadline = started + self.startup_timeout
-        while True:
-            code = proc.poll()
-            if code is not None:
-                self._resources.proc = None
-                output = self._log_since(log_start)
-                if "in use" in output.lower():
-                    raise _PortTaken
-                raise AnvilError(
-                    f"anvil exited with code {code} before answering on {self.url}; "
-                    f"its output ({self.log_path}):\n{output[-2000:]}"
-                )
-            try:
-                chain_id = int(rpc.call(self.url, "eth_chainId", timeout_s=1.0), 16)
-                accounts = rpc.call(self.url, "eth_accounts", timeout_s=5.0)
-                break
-            except (OSError, ValueError, PaymentError):
-                # Not listening yet (connection refused, reset) or not ready.
-                if time.monotonic() > deadline:
-                    self._resources.stop(timeout=5.0)
-                    raise AnvilError(
-                        f"anvil (pid {proc.pid}) did not answer on {self.url} within "
-                        f"{self.startup_timeout:.0f} s; its output ({self.log_path}):\n"
-                        f"{self._log_since(log_start)[-2000:]}"
-                    ) from None
-                time.sleep(0.02)
+        chain_id, accounts = self._resources.launch(self._command(), self.url, self.log_path, self.startup_timeout)
         if chain_id != self.chain_id:
             self._resources.stop(timeout=5.0)
             raise AnvilError(
                 f"anvil on {self.url} reports chain id {chain_id}, expected {self.chain_id}: "
                 "is another node listening on that port?"
             )
-        from eth_utils import to_checksum_address  # lazy: ~0.25 s import
-
-        self._accounts = [to_checksum_address(a) for a in accounts]
-        logger.info(
-            "anvil ready in %.2f s: pid %d, %s, chain id %d%s",
-            time.monotonic() - started,
-            proc.pid,
-            self.url,
-            self.chain_id,
-            f", state {self.state_path}" if self.persist_state else "",
-        )
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
+        self._accounts = [checksum_address(a) for a in accounts]
+        logger.info("anvil ready in %.2f s: pid %s, %s, chain id %d%s", time.monotonic() - started, self.pid,
+                    self.url, self.chain_id, f", state {self.state_path}" if self.persist_state else "")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop anvil: SIGTERM to its PID, wait, SIGKILL after ``timeout`` seconds.

@@ -19,6 +19,7 @@ from golem_dask.errors import PaymentError
 from golem_dask.protocol.identity import checksum_address
 
 if TYPE_CHECKING:
+    from eth_typing import ChecksumAddress
     from web3 import Web3
     from web3.contract import Contract
 
@@ -36,7 +37,8 @@ def _receipt_timeout() -> float:
 
 def token_contract(w3: Web3, address: str) -> Contract:
     """The token at ``address`` as a web3 contract (any ERC-20: our ABI is ERC-20's plus ``mint``)."""
-    return w3.eth.contract(address=checksum_address(address), abi=load_artifact(TOKEN_CONTRACT)["abi"])
+    return w3.eth.contract(address=cast("ChecksumAddress", checksum_address(address)),
+                           abi=load_artifact(TOKEN_CONTRACT)["abi"])
 
 
 def deploy(w3: Web3, deployer: str, name: str, args: Sequence[Any] = (), timeout_s: float | None = None) -> str:

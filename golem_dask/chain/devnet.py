@@ -22,14 +22,14 @@ import logging
 import threading
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from golem_dask.chain.deploy import TOKEN_CONTRACT, deploy_contracts, fund, token_contract
+from golem_dask.chain.units import address as checked_address
 from golem_dask.chain.units import from_wei
-from golem_dask.errors import PaymentError
-from golem_dask.protocol.identity import checksum_address
 
 if TYPE_CHECKING:
+    from eth_typing import ChecksumAddress
     from web3 import Web3
     from web3.contract import Contract
 
@@ -154,21 +154,15 @@ class Devnet:
 
     def token_balance(self, address: str) -> Decimal:
         """Token balance of ``address`` in token units."""
-        checksummed = self._checksum(address)
+        checksummed = checked_address(address)
         with self.lock:
             return from_wei(self.token.functions.balanceOf(checksummed).call())
 
     def eth_balance(self, address: str) -> int:
         """ETH balance of ``address`` in wei."""
-        checksummed = self._checksum(address)
+        checksummed = checked_address(address)
         with self.lock:
-            return int(self.w3.eth.get_balance(checksummed))
-
-    def _checksum(self, address: str) -> str:
-        try:
-            return checksum_address(address)
-        except ValueError as e:
-            raise PaymentError(str(e)) from None
+            return int(self.w3.eth.get_balance(cast("ChecksumAddress", checksummed)))
 
     def __repr__(self) -> str:
         return f"Devnet(chain_id={self.chain_id}, token_address={self.token_address!r})"

@@ -1,14 +1,13 @@
-"""The market on the network: a hub server, and the requestor's client for it.
+"""``golem-dask hub``: the market server of a private fleet.
 
-``golem-dask hub`` runs :class:`HubServer`.  Providers connect and publish offers (which
-expire unless refreshed); requestors connect and subscribe demands.  The hub matches
-offers to demands both ways and forwards every other message (a requestor's calls on a
-provider agent, the provider's replies, activity states, debit notes, invoices) between
-the two parties unchanged.  Every frame is an :class:`~golem_dask.protocol.wire.Envelope`
-signed by its author's Ethereum key: the hub checks signatures so that nobody can speak
-for another address, and the receiving party checks them again, so the hub cannot forge
-what it forwards.  It holds no money and no secrets (its own key is made at start and
-only signs its notices).
+Providers connect and publish offers (which expire unless refreshed); requestors connect
+and subscribe demands.  The hub matches offers to demands both ways and forwards every
+other message (a requestor's calls on a provider agent, the provider's replies, activity
+states, debit notes, invoices) between the two parties unchanged.  Every frame is an
+:class:`~golem_dask.protocol.wire.Envelope` signed by its author's Ethereum key: the hub
+checks signatures so that nobody can speak for another address, and the receiving party
+checks them again, so the hub cannot forge what it forwards.  It holds no money and no
+secrets (its own key is made at start and only signs its notices).
 
 Bad input never takes the hub down: a malformed or oversized frame, a bad signature, a
 replayed message or a flood from one peer gets that peer an error or a disconnect, and
@@ -21,50 +20,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from golem_dask import config
-from golem_dask.errors import (
-    ActivityError,
-    GolemDaskError,
-    MarketError,
-    NetworkError,
-    ProposalRejected,
-    ProtocolError,
-)
-from golem_dask.market.base import MarketEvent, OfferReceived, OfferWithdrawn
-from golem_dask.market.local import matches, offer_proposal
-from golem_dask.market.relay import FINAL_STATES, PROVIDER_METHODS, RelayMarket, drain
+from golem_dask.errors import MarketError, ProtocolError
+from golem_dask.market.matching import matches
 from golem_dask.protocol import wire
-from golem_dask.protocol.messages import Activity, ActivityState, DebitNote, Demand, Invoice, Offer, new_id
+from golem_dask.protocol.identity import Wallet
+from golem_dask.protocol.messages import Demand, Offer
 
 logger = logging.getLogger(__name__)
-
-#: Exceptions a provider's reply may carry back, by name.
-REMOTE_ERRORS: dict[str, type[GolemDaskError]] = {
-    "ProposalRejected": ProposalRejected,
-    "ActivityError": ActivityError,
-    "MarketError": MarketError,
-}
-
-
-def parse_url(url: str) -> tuple[str, int]:
-    """``tcp://host:port`` as (host, port).
-
-    Examples
-    --------
-    >>> parse_url("tcp://127.0.0.1:7465")
-    ('127.0.0.1', 7465)
-    """
-    if not url.startswith("tcp://") or ":" not in url[6:]:
-        raise MarketError(f"hub address {url!r} must look like tcp://HOST:PORT")
-    host, _, port = url[6:].rpartition(":")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError as e:
-        raise MarketError(f"hub address {url!r} has no valid port") from e
 
 
 class TokenBucket:
@@ -127,8 +93,6 @@ class HubServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        from golem_dask.protocol.identity import Wallet
-
         self.host, self.port = host, port
         self._wallet = Wallet.generate()  # signs the hub's own notices; holds nothing
         self.max_frame = int(config.byte_size(config.get("hub.max-frame"), "golem.hub.max-frame"))
@@ -311,269 +275,3 @@ class HubServer:
         for (requestor, sub_id), demand in list(self._subs.items()):
             if matches(demand, stored.offer):
                 await self._to(requestor, self._notice("event", {"sub": sub_id, "withdrawn": offer_id}))
-
-
-class HubLink:
-    """A signed, self-reconnecting connection to a hub, for providers and requestors.
-
-    ``on_message(envelope, payload)`` gets every verified frame; ``on_connect()`` runs
-    after each (re)connection, to re-publish or re-subscribe.
-    """
-
-    def __init__(self, url: str, wallet: Any, role: str, on_message: Any, on_connect: Any = None) -> None:
-        self.url = url
-        self.host, self.port = parse_url(url)
-        self.wallet = wallet
-        self.role = role
-        self._on_message = on_message
-        self._on_connect = on_connect
-        self._writer: asyncio.StreamWriter | None = None
-        self._connected = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._lock = asyncio.Lock()
-        self.replay = wire.ReplayGuard(int(config.seconds("hub.replay-window") * 1000))
-        self.max_frame = int(config.byte_size(config.get("hub.max-frame"), "golem.hub.max-frame"))
-        self.hub_address: str | None = None
-
-    async def start(self, timeout_s: float) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"hub-link-{self.role}")
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
-        except asyncio.TimeoutError as e:
-            raise NetworkError(f"no hub answers at {self.url} within {timeout_s:g}s; start one with "
-                               "'golem-dask hub' or check the address") from e
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._writer is not None:
-            self._writer.close()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    async def send(self, kind: str, payload: Any) -> None:
-        if self._writer is None or not self._connected.is_set():
-            raise NetworkError(f"not connected to the hub at {self.url}")
-        data = wire.frame(wire.seal(self.wallet, kind, payload))
-        async with self._lock:
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as e:
-                raise NetworkError(f"lost the hub at {self.url}: {e}") from e
-
-    async def _run(self) -> None:
-        delay = 0.1
-        while not self._closed:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port, limit=self.max_frame + 16)
-            except OSError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, config.seconds("hub.reconnect-max-delay"))
-                continue
-            self._writer = writer
-            try:
-                writer.write(wire.frame(wire.seal(self.wallet, "hello", {"role": self.role})))
-                await writer.drain()
-                welcome = await wire.read_frame(reader, self.max_frame)
-                payload = wire.verify(welcome)
-                if welcome.kind != "welcome":
-                    raise ProtocolError(f"hub said {welcome.kind}: {payload}")
-                self.hub_address = welcome.sender
-                self._connected.set()
-                delay = 0.1
-                if self._on_connect is not None:
-                    await self._on_connect()
-                while True:
-                    envelope = await wire.read_frame(reader, self.max_frame)
-                    payload = wire.verify(envelope)
-                    self.replay.check(envelope)
-                    try:
-                        await self._on_message(envelope, payload)
-                    except Exception:
-                        logger.exception("handling %s from %s failed", envelope.kind, envelope.sender)
-            except (ConnectionError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
-                logger.info("hub link %s lost: %s; reconnecting", self.url, e)
-            finally:
-                self._connected.clear()
-                writer.close()
-                self._writer = None
-            await asyncio.sleep(delay)
-
-
-class HubMarket(RelayMarket):
-    """The requestor's side of a hub: ``GolemCluster(market="tcp://HOST:PORT")``.
-
-    Parameters
-    ----------
-    url:
-        ``tcp://HOST:PORT`` of a ``golem-dask hub``.
-    wallet:
-        The requestor's wallet: it signs every message (the requestor's identity is its
-        payment address).
-    """
-
-    collection_window_s = 0.3
-
-    def __init__(self, url: str, wallet: Any) -> None:
-        super().__init__()
-        self.url = url
-        self.link = HubLink(url, wallet, "requestor", self._on_message, self._on_connect)
-        self._subs: dict[str, tuple[Demand, asyncio.Queue[MarketEvent | None]]] = {}
-        self._sent_offers: dict[str, set[str]] = {}
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
-        self._call_timeout_s = config.seconds("hub.call-timeout")
-
-    def __repr__(self) -> str:
-        return f"<HubMarket {self.url} connected={self.link.connected}>"
-
-    async def start(self) -> None:
-        await self.link.start(config.seconds("hub.connect-timeout"))
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self.link.close()
-        for _, queue in self._subs.values():
-            queue.put_nowait(None)
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(NetworkError("market closed"))
-        self._end_streams()
-
-    async def _on_connect(self) -> None:
-        # After a hub restart: subscribe again; the hub resends matching offers.
-        for sub_id, (demand, _) in self._subs.items():
-            await self.link.send("subscribe", {"sub": sub_id, "demand": demand})
-
-    async def _on_message(self, envelope: wire.Envelope, payload: Any) -> None:
-        kind = envelope.kind
-        if kind == "event" and envelope.sender == self.link.hub_address:
-            self._on_event(payload)
-        elif kind in ("scan_result", "error") and envelope.sender == self.link.hub_address:
-            fut = self._waiting.pop(str(payload.get("ref")), None)
-            if fut is not None and not fut.done():
-                if kind == "error":
-                    fut.set_exception(MarketError(f"hub: {payload.get('reason')}"))
-                else:
-                    fut.set_result(payload["offers"])
-            elif kind == "error":
-                logger.warning("hub error: %s", payload.get("reason"))
-        elif kind == "reply":
-            fut = self._waiting.get(str(payload.get("call_id")))
-            expected = getattr(fut, "provider", None) if fut is not None else None
-            if fut is None or envelope.sender != expected:
-                return  # not ours, or not from the provider we called: ignore
-            del self._waiting[str(payload["call_id"])]
-            if payload.get("ok"):
-                fut.set_result(payload.get("value"))
-            else:
-                error = REMOTE_ERRORS.get(str(payload.get("error_type")), MarketError)
-                fut.set_exception(error(f"provider {envelope.sender}: {payload.get('error')}"))
-        elif kind == "push":
-            message = payload.get("message")
-            if isinstance(message, Activity | DebitNote | Invoice) and self._from_its_provider(envelope.sender, message):
-                self._deliver(message)
-
-    def _from_its_provider(self, sender: str, message: Activity | DebitNote | Invoice) -> bool:
-        agreement = self._agreements.get(message.agreement_id)
-        return agreement is not None and agreement.provider_id == sender
-
-    def _offer_from_frame(self, data: bytes) -> Offer | None:
-        try:
-            envelope = wire.unframe(data, self.link.max_frame)
-            offer = wire.verify(envelope)
-        except ProtocolError as e:
-            logger.warning("dropping an offer the hub forwarded: %s", e)
-            return None
-        if not isinstance(offer, Offer) or offer.provider_id != envelope.sender:
-            logger.warning("dropping an offer not signed by its provider")
-            return None
-        return offer
-
-    def _on_event(self, payload: dict[str, Any]) -> None:
-        if "gone" in payload:
-            gone = str(payload["gone"])
-            for activity_id, provider in list(self._activity_provider.items()):
-                history = self._activity_history.get(activity_id, [])
-                if provider == gone and not any(h.state in FINAL_STATES for h in history):
-                    self._deliver(Activity(activity_id, self._activity_agreement[activity_id], ActivityState.FAILED,
-                                           f"provider {gone} disconnected from the hub"))
-            return
-        sub = self._subs.get(str(payload.get("sub")))
-        if sub is None:
-            return
-        demand, queue = sub
-        sent = self._sent_offers.setdefault(str(payload["sub"]), set())
-        if "withdrawn" in payload:
-            offer_id = str(payload["withdrawn"])
-            if offer_id in sent:
-                sent.discard(offer_id)
-                queue.put_nowait(OfferWithdrawn(offer_id))
-            return
-        frames = payload["offers"] if "offers" in payload else [payload["offer"]]
-        for data in frames if isinstance(frames, list) else []:
-            offer = self._offer_from_frame(data)
-            if offer is None or offer.id in sent or not matches(demand, offer):
-                continue
-            sent.add(offer.id)
-            proposal = offer_proposal(offer, demand)
-            self._remember_offer_proposal(proposal)
-            queue.put_nowait(OfferReceived(proposal))
-
-    async def _request(self, ref: str, kind: str, payload: Any, timeout_s: float, provider: str | None = None) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        fut.provider = provider  # type: ignore[attr-defined]
-        self._waiting[ref] = fut
-        try:
-            await self.link.send(kind, payload)
-            return await asyncio.wait_for(fut, timeout_s)
-        finally:
-            self._waiting.pop(ref, None)
-
-    async def _call(self, provider_id: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        self._check_open()
-        if method not in PROVIDER_METHODS:
-            raise MarketError(f"{method!r} is not a provider call")
-        call_id = new_id()
-        payload = {"to": provider_id, "call_id": call_id, "method": method, "args": list(args)}
-        timeout = timeout_s if timeout_s is not None else self._call_timeout_s
-        try:
-            return await self._request(call_id, "call", payload, timeout, provider=provider_id)
-        except asyncio.TimeoutError as e:
-            if method == "approve":
-                raise ProposalRejected(f"provider {provider_id} did not approve within {timeout:g}s") from e
-            raise NetworkError(f"provider {provider_id} did not answer {method} within {timeout:g}s") from e
-
-    async def subscribe(self, demand: Demand) -> str:
-        self._check_open()
-        sub_id = new_id()
-        self._subs[sub_id] = (demand, asyncio.Queue())
-        await self.link.send("subscribe", {"sub": sub_id, "demand": demand})
-        return sub_id
-
-    async def unsubscribe(self, subscription_id: str) -> None:
-        sub = self._subs.pop(subscription_id, None)
-        if sub is not None:
-            sub[1].put_nowait(None)
-            with contextlib.suppress(NetworkError):
-                await self.link.send("unsubscribe", {"sub": subscription_id})
-
-    def events(self, subscription_id: str) -> AsyncIterator[MarketEvent]:
-        sub = self._subs.get(subscription_id)
-        if sub is None:
-            raise MarketError(f"no subscription {subscription_id}")
-        return drain(sub[1])
-
-    async def scan(self) -> list[Offer]:
-        ref = new_id()
-        frames = await self._request(ref, "scan", {"ref": ref}, self._call_timeout_s)
-        return [o for o in (self._offer_from_frame(f) for f in frames) if o is not None]
-

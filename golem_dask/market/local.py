@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from golem_dask.errors import MarketError, ProposalRejected
 from golem_dask.market.base import MarketEvent, OfferReceived, OfferWithdrawn
-from golem_dask.market.relay import PROVIDER_METHODS, RelayMarket, drain
-from golem_dask.protocol import constraints as C
-from golem_dask.protocol.messages import Activity, DebitNote, Demand, Invoice, Issuer, Offer, Proposal, new_id
+from golem_dask.market.link import PROVIDER_METHODS
+from golem_dask.market.matching import matches, offer_proposal, parse_filter
+from golem_dask.market.relay import RelayMarket, drain
+from golem_dask.protocol.messages import Activity, DebitNote, Demand, Invoice, Offer, new_id
 from golem_dask.protocol.wire import decode, encode
-from golem_dask.provider.agent import ProviderAgent
 
 T = TypeVar("T")
 
@@ -31,28 +30,18 @@ def _wire(message: T) -> T:
     return decode(encode(message))  # type: ignore[no-any-return]
 
 
-@functools.lru_cache(maxsize=1024)
-def _filter(text: str) -> C.Filter:
-    return C.parse(text)
+class Seller(Protocol):
+    """What the embedded market needs of a provider agent (:class:`~golem_dask.provider.agent.ProviderAgent`).
 
+    Besides these, the market calls the agent's :data:`~golem_dask.market.link.PROVIDER_METHODS`
+    by name, as a hub forwards a requestor's calls.
+    """
 
-def matches(demand: Demand | Proposal, offer: Offer | Proposal) -> bool:
-    """Two-way matching: each side's properties satisfy the other's constraints."""
-    return C.evaluate(_filter(demand.constraints), offer.properties) and C.evaluate(
-        _filter(offer.constraints), demand.properties
-    )
+    id: str
 
+    async def connect(self, link: Any) -> None: ...
 
-def offer_proposal(offer: Offer, demand: Demand) -> Proposal:
-    """A provider's offer as the initial proposal a requestor's subscription receives."""
-    return Proposal(
-        issuer=Issuer.PROVIDER,
-        properties=offer.properties,
-        constraints=offer.constraints,
-        offer_id=offer.id,
-        demand_id=demand.id,
-        provider_id=offer.provider_id,
-    )
+    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -93,9 +82,9 @@ class LocalMarket(RelayMarket):
     >>> market = LocalMarket([])  # providers are added with add_provider()
     """
 
-    def __init__(self, providers: Sequence[ProviderAgent] = ()) -> None:
+    def __init__(self, providers: Sequence[Seller] = ()) -> None:
         super().__init__()
-        self.providers: dict[str, ProviderAgent] = {p.id: p for p in providers}
+        self.providers: dict[str, Seller] = {p.id: p for p in providers}
         self._offers: dict[str, Offer] = {}
         self._subs: dict[str, _Subscription] = {}
         self._started = False
@@ -103,7 +92,7 @@ class LocalMarket(RelayMarket):
     def __repr__(self) -> str:
         return f"<LocalMarket providers={len(self.providers)} offers={len(self._offers)}>"
 
-    async def add_provider(self, agent: ProviderAgent) -> None:
+    async def add_provider(self, agent: Seller) -> None:
         """Let another agent sell here (connects it at once if the market runs)."""
         self.providers[agent.id] = agent
         if self._started:
@@ -165,7 +154,7 @@ class LocalMarket(RelayMarket):
 
     async def subscribe(self, demand: Demand) -> str:
         self._check_open()
-        _filter(demand.constraints)
+        parse_filter(demand.constraints)
         sub_id = new_id()
         sub = self._subs[sub_id] = _Subscription(_wire(demand))
         for offer in list(self._offers.values()):

@@ -16,9 +16,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
+from golem_dask import config
 from golem_dask.errors import (
+    BudgetExceededError,
     NetworkError,
     NoOffersError,
     ProposalRejected,
@@ -27,7 +29,6 @@ from golem_dask.errors import (
 from golem_dask.market.base import Market, OfferReceived, OfferWithdrawn
 from golem_dask.market.demand import DemandSpec
 from golem_dask.protocol.pricing import LinearPricing
-from golem_dask.payment.accountant import Budget
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, Demand, Proposal, new_id, now_ms
@@ -116,6 +117,21 @@ def summarize(reasons: Iterable[str]) -> str:
     return ", ".join(f"{n} {label}" for label, n in counts.most_common())
 
 
+class Reservations(Protocol):
+    """What negotiation needs of the requestor's budget (:class:`~golem_dask.payment.budget.Budget`)."""
+
+    @property
+    def remaining(self) -> Decimal: ...
+
+    def can_afford(self, amount: Decimal) -> bool: ...
+
+    def reserve(self, key: str, amount: Decimal) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    def shortfall(self, amount: Decimal) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Deal:
     """An approved agreement and the budget reservation made for it."""
@@ -145,7 +161,7 @@ class Negotiator:
         market: Market,
         spec: DemandSpec,
         requestor_address: str,
-        budget: Budget,
+        budget: Reservations,
         *,
         negotiation_timeout_s: float,
         approval_timeout_s: float,
@@ -172,6 +188,19 @@ class Negotiator:
         self._changed = asyncio.Condition()
         self._first_offer_at: float | None = None
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, market: Market, spec: DemandSpec, requestor_address: str, budget: Reservations,
+                    events: Any = None) -> Negotiator:
+        """A negotiator with the timeouts and scoring of ``golem.market.*`` config."""
+        return cls(
+            market, spec, requestor_address, budget,
+            negotiation_timeout_s=config.seconds("market.negotiation-timeout"),
+            approval_timeout_s=config.seconds("market.approval-timeout"),
+            expected_s=Decimal(str(config.seconds("market.expected-duration"))),
+            utilisation=Decimal(str(config.get("market.expected-utilisation"))),
+            events=events,
+        )
 
     def _emit(self, kind: str, message: str, **data: Any) -> None:
         if self.events is not None:
@@ -258,7 +287,7 @@ class Negotiator:
                 cheapest = min(c.worst_case for c in options)
                 self._emit("budget", f"budget cannot cover another agreement (worst case {cheapest} GLM, "
                            f"{self.budget.remaining} GLM left)")
-                self.budget.reserve("probe", cheapest)  # raises with the full explanation
+                raise BudgetExceededError(self.budget.shortfall(cheapest))
             candidate = affordable[0]
             try:
                 return await self._sign(candidate, worker)

@@ -1,7 +1,7 @@
 """What every market backend that talks to provider agents has in common.
 
 A requestor's counter-proposal, agreement, activity and payment calls all end up as a
-call of one :class:`~golem_dask.provider.agent.ProviderAgent` method on the provider's
+call of one provider agent method (:data:`~golem_dask.market.link.PROVIDER_METHODS`) on the provider's
 side (``on_proposal``, ``approve``, ``exec``, ...), and what providers send back (activity
 states, debit notes, invoices) arrives as pushed messages.  :class:`RelayMarket` keeps the
 requestor's bookkeeping (proposals, agreements, which provider runs which activity, event
@@ -36,13 +36,6 @@ from golem_dask.protocol.messages import (
 
 T = TypeVar("T")
 FINAL_STATES = {ActivityState.TERMINATED, ActivityState.FAILED}
-
-#: The provider agent methods a requestor may call, and nothing else.
-PROVIDER_METHODS = frozenset({
-    "on_proposal", "approve", "terminate", "create_activity", "exec", "destroy_activity",
-    "on_accepted", "on_rejected", "on_payment",
-})
-
 
 async def drain(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
     """Items of ``queue`` until a ``None`` ends it."""

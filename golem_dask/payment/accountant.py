@@ -20,87 +20,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import Enum
 from typing import Any
 
-from golem_dask.errors import BudgetExceededError, PaymentError
-from golem_dask.protocol.pricing import LinearPricing
+from golem_dask.errors import PaymentError
 from golem_dask.payment.base import Payer
+from golem_dask.payment.bill import Bill, BillEntry, EntryStatus, plain
+from golem_dask.payment.budget import Budget
+from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, DebitNote, Invoice, Payment
 
 logger = logging.getLogger(__name__)
-
-
-class Budget:
-    """Token amounts reserved for agreements, out of a fixed total.
-
-    Examples
-    --------
-    >>> b = Budget(Decimal("1"))
-    >>> b.reserve("a", Decimal("0.6"))
-    >>> b.can_afford(Decimal("0.5"))
-    False
-    >>> b.settle("a", Decimal("0.1"))
-    >>> b.remaining
-    Decimal('0.9')
-    """
-
-    def __init__(self, total: Decimal) -> None:
-        if total < 0:
-            raise ValueError("budget must be >= 0")
-        self.total = total
-        self.spent = Decimal(0)
-        self._reserved: dict[str, Decimal] = {}
-
-    @property
-    def reserved(self) -> Decimal:
-        return sum(self._reserved.values(), Decimal(0))
-
-    @property
-    def remaining(self) -> Decimal:
-        return self.total - self.spent - self.reserved
-
-    def can_afford(self, amount: Decimal) -> bool:
-        return amount <= self.remaining
-
-    def reserve(self, key: str, amount: Decimal) -> None:
-        """Reserve ``amount`` for ``key`` or raise BudgetExceededError."""
-        if not self.can_afford(amount):
-            raise BudgetExceededError(
-                f"budget {self.total} GLM: {self.remaining} left after {self.spent} spent and "
-                f"{self.reserved} reserved, but the next agreement may cost up to {amount}; "
-                f"raise budget= or lower golem.market.agreement-lifetime"
-            )
-        self._reserved[key] = amount
-
-    def reserved_for(self, key: str) -> Decimal:
-        return self._reserved.get(key, Decimal(0))
-
-    def rekey(self, old: str, new: str) -> None:
-        self._reserved[new] = self._reserved.pop(old)
-
-    def shrink(self, key: str, amount: Decimal) -> None:
-        """Hold at most ``amount`` for ``key`` (the rest returns to what is available)."""
-        if key in self._reserved:
-            self._reserved[key] = min(self._reserved[key], amount)
-
-    def release(self, key: str) -> None:
-        self._reserved.pop(key, None)
-
-    def settle(self, key: str, amount: Decimal) -> None:
-        """Turn a reservation into ``amount`` spent."""
-        self._reserved.pop(key, None)
-        self.spent += amount
-
-
-class EntryStatus(str, Enum):
-    RUNNING = "running"
-    AWAITING_INVOICE = "awaiting invoice"
-    PAID = "paid"
-    REJECTED = "rejected"
-    FAILED = "payment failed"
-    NOTHING_DUE = "nothing due"
 
 
 @dataclass(slots=True)
@@ -129,81 +59,6 @@ class AgreementAccount:
             return Decimal(0)
         end = self.stopped if self.stopped is not None else (now or time.time())
         return Decimal(str(round(end - self.started, 3)))
-
-
-@dataclass(frozen=True, slots=True)
-class BillEntry:
-    """One agreement's line in the bill."""
-
-    worker: str
-    provider: str
-    agreement_id: str
-    usage: Mapping[str, Decimal]
-    observed_cpu_sec: Decimal
-    observed_duration_sec: Decimal
-    amount: Decimal
-    status: str
-    tx_hash: str | None
-    reason: str | None
-
-    @property
-    def cpu_sec(self) -> Decimal:
-        return Decimal(self.usage.get(P.USAGE_CPU_SEC, 0))
-
-    @property
-    def duration_sec(self) -> Decimal:
-        return Decimal(self.usage.get(P.USAGE_DURATION_SEC, 0))
-
-
-def _plain(amount: Decimal) -> str:
-    """An amount without trailing zeros or exponent: 0.0001 rather than 1.000E-4."""
-    return format(amount.normalize(), "f")
-
-
-@dataclass(frozen=True, slots=True)
-class Bill:
-    """Every agreement of a cluster with its usage, amount and payment.
-
-    ``str(bill)`` is a table; ``bill.total`` is what was paid.
-    """
-
-    entries: tuple[BillEntry, ...]
-    platform: str
-    payer: str
-
-    @property
-    def total(self) -> Decimal:
-        return sum((e.amount for e in self.entries if e.status == EntryStatus.PAID.value), Decimal(0))
-
-    @property
-    def owed(self) -> Decimal:
-        """Accepted but not (yet) paid."""
-        return sum(
-            (e.amount for e in self.entries if e.status in {EntryStatus.FAILED.value, EntryStatus.AWAITING_INVOICE.value}),
-            Decimal(0),
-        )
-
-    def __str__(self) -> str:
-        header = ("worker", "provider", "agreement", "cpu_sec", "duration_sec", "amount GLM", "status", "transaction")
-        rows = [
-            (
-                e.worker,
-                e.provider[:10] + "…",
-                e.agreement_id[:8],
-                str(e.cpu_sec),
-                str(e.duration_sec),
-                _plain(e.amount),
-                e.status + (f" ({e.reason})" if e.reason else ""),
-                e.tx_hash or "-",
-            )
-            for e in self.entries
-        ]
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"Bill for {self.payer} on {self.platform}", fmt.format(*header)]
-        lines += [fmt.format(*r) for r in rows]
-        lines.append(f"total paid: {_plain(self.total)} GLM" + (f"; still owed: {_plain(self.owed)} GLM" if self.owed else ""))
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,9 +222,9 @@ class Accountant:
             held = max_due(account, self.tolerance)
             self.budget.shrink(agreement_id, held)
             account.status = EntryStatus.AWAITING_INVOICE
-            account.reason = f"no invoice within {timeout_s}s; up to {_plain(held)} GLM held for a late one"
+            account.reason = f"no invoice within {timeout_s}s; up to {plain(held)} GLM held for a late one"
             self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; nothing paid yet, "
-                       f"up to {_plain(held)} GLM held in case it comes")
+                       f"up to {plain(held)} GLM held in case it comes")
             return account
         async with account.checking:
             if account.settled.is_set() or account.status is EntryStatus.FAILED:

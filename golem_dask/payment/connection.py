@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from golem_dask.chain.contracts import load_artifact
 from golem_dask.chain.deploy import BATCH_CONTRACT, token_contract
@@ -20,6 +20,7 @@ from golem_dask.errors import ConfigError, PaymentError
 from golem_dask.protocol.identity import checksum_address
 
 if TYPE_CHECKING:
+    from eth_typing import ChecksumAddress
     from web3 import Web3
     from web3.contract import Contract
 
@@ -105,8 +106,8 @@ def connect(source: Any, token_address: str | None, batch_address: str | None,
         raise ConfigError(f"chain must be a web3.Web3, a Devnet or a callable returning one, "
                           f"got {type(source).__name__}")
     try:
-        token_address = checksum_address(token_address)
-        batch_address = checksum_address(batch_address) if batch_address else None
+        token = cast("ChecksumAddress", checksum_address(token_address))
+        batch_at = cast("ChecksumAddress", checksum_address(batch_address)) if batch_address else None
     except ValueError as e:
         raise ConfigError(f"token or batch address: {e}") from None
     with lock:
@@ -114,13 +115,13 @@ def connect(source: Any, token_address: str | None, batch_address: str | None,
         if expected_chain_id is not None and chain_id != expected_chain_id:
             raise ConfigError(f"the node at the RPC URL is chain {chain_id}, not golem.payment.chain-id="
                               f"{expected_chain_id}; check which network you point at")
-        if not w3.eth.get_code(token_address):
-            raise PaymentError(f"no contract at token address {token_address} on chain {chain_id}; "
+        if not w3.eth.get_code(token):
+            raise PaymentError(f"no contract at token address {token} on chain {chain_id}; "
                                "check token_address and the chain the Web3 is connected to")
         batch = None
-        if batch_address:
-            if not w3.eth.get_code(batch_address):
-                raise PaymentError(f"no contract at batch address {batch_address} on chain {chain_id}; "
+        if batch_at:
+            if not w3.eth.get_code(batch_at):
+                raise PaymentError(f"no contract at batch address {batch_at} on chain {chain_id}; "
                                    "check golem.payment.batch-address (or leave it empty to pay one by one)")
-            batch = w3.eth.contract(address=batch_address, abi=load_artifact(BATCH_CONTRACT)["abi"])
-    return Connection(w3, chain_id, token_contract(w3, token_address), batch, lock, devnet)
+            batch = w3.eth.contract(address=batch_at, abi=load_artifact(BATCH_CONTRACT)["abi"])
+    return Connection(w3, chain_id, token_contract(w3, token), batch, lock, devnet)

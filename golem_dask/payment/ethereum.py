@@ -22,10 +22,11 @@ import logging
 import weakref
 from collections.abc import Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from golem_dask import config
 from golem_dask.chain.devnet import Devnet
+from golem_dask.chain.units import address as checked_address
 from golem_dask.chain.units import from_wei, to_wei
 from golem_dask.errors import ConfigError, PaymentError
 from golem_dask.payment.base import Payer, Transfer
@@ -33,9 +34,10 @@ from golem_dask.payment.connection import Connection
 from golem_dask.payment.fees import GWEI, FeePolicy
 from golem_dask.payment.ledger import PAID, Debt, Ledger, PaymentRecord
 from golem_dask.payment.session import LazySession
-from golem_dask.protocol.identity import Wallet, checksum_address
+from golem_dask.protocol.identity import Wallet
 
 if TYPE_CHECKING:
+    from eth_typing import ChecksumAddress
     from web3 import Web3
     from web3.contract import Contract
 
@@ -271,7 +273,7 @@ class EthereumPayer(Payer):
         >>> t.tx_hash.startswith("0x"), t.amount_wei
         (True, 500000000000000000)
         """
-        payee = _checksum(payee, "payee")
+        payee = checked_address(payee, "payee")
         wei = _amount_wei(amount)
         # The debt is written first, even if the chain is unreachable right now.
         debt = await asyncio.to_thread(
@@ -324,7 +326,7 @@ class EthereumPayer(Payer):
         >>> asyncio.run(payer.balance(payer.address))
         Decimal('7.5')
         """
-        address = _checksum(address, "address")
+        address = checked_address(address)
         wei = await self._read(f"reading the token balance of {address}",
                                lambda conn: conn.token.functions.balanceOf(address).call())
         return from_wei(int(wei))
@@ -340,8 +342,8 @@ class EthereumPayer(Payer):
         >>> asyncio.run(payer.eth_balance(payer.address))
         100000000000000000
         """
-        address = _checksum(address, "address")
-        return int(await self._read(f"reading the ETH balance of {address}", lambda conn: conn.w3.eth.get_balance(address)))
+        address = checked_address(address)
+        return int(await self._read(f"reading the ETH balance of {address}", lambda conn: conn.w3.eth.get_balance(cast("ChecksumAddress", address))))
 
     async def _read(self, what: str, fn: Callable[[Connection], Any]) -> Any:
         await self._ensure_started()
@@ -350,14 +352,6 @@ class EthereumPayer(Payer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(platform={self.platform!r}, address={self.address!r})"
-
-
-def _checksum(address: str, role: str) -> str:
-    try:
-        return checksum_address(address)
-    except ValueError:
-        raise PaymentError(f"{role} {address!r} is not a valid Ethereum address "
-                           "(0x followed by 40 hex digits, checksummed or all lower case)") from None
 
 
 def _amount_wei(amount: Decimal) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -27,7 +26,7 @@ from typing import Any
 
 from golem_dask.errors import PaymentError
 from golem_dask.chain.units import from_wei
-from golem_dask.protocol.messages import new_id
+from golem_dask.protocol.messages import new_id, now_ms
 
 OWED, PAYING, PAID = "owed", "paying", "paid"
 SIGNED, SENT, CONFIRMED, FAILED = "signed", "sent", "confirmed", "failed"
@@ -68,10 +67,6 @@ CREATE TABLE IF NOT EXISTS transactions (
     created_ms INTEGER NOT NULL
 );
 """
-
-
-def _now() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +170,7 @@ class Ledger:
         self, invoice_id: str, agreement_id: str, payer: str, payee: str, amount_wei: int, platform: str
     ) -> Debt:
         """Record an accepted invoice as owed (once: the same invoice twice is one debt)."""
-        now = _now()
+        now = now_ms()
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO debts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -212,7 +207,7 @@ class Ledger:
     ) -> str:
         """A transaction is signed: store it and tie its debts to it, atomically."""
         payment_id = new_id()
-        now = _now()
+        now = now_ms()
         ids = list(debt_ids)
         with self._tx() as db:
             for debt_id in ids:
@@ -231,20 +226,20 @@ class Ledger:
         """A replacement (same nonce, higher fee) of a payment's transaction."""
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO transactions VALUES (?,?,?,?,?)",
-                       (tx_hash, payment_id, raw.hex(), None if max_fee_wei is None else str(max_fee_wei), _now()))
+                       (tx_hash, payment_id, raw.hex(), None if max_fee_wei is None else str(max_fee_wei), now_ms()))
 
     def _set_status(self, payment_id: str, status: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
             db.execute(f"UPDATE payments SET status = ?, updated_ms = ?{', ' + sets if sets else ''} WHERE id = ?",
-                       (status, _now(), *fields.values(), payment_id))
+                       (status, now_ms(), *fields.values(), payment_id))
             if status == CONFIRMED:
                 db.execute("UPDATE debts SET status = ?, updated_ms = ? WHERE payment_id = ?",
-                           (PAID, _now(), payment_id))
+                           (PAID, now_ms(), payment_id))
             elif status == FAILED:
                 # Its debts are owed again: a later payment (new nonce) settles them.
                 db.execute("UPDATE debts SET status = ?, payment_id = NULL, updated_ms = ? WHERE payment_id = ?",
-                           (OWED, _now(), payment_id))
+                           (OWED, now_ms(), payment_id))
 
     def mark_sent(self, payment_id: str) -> None:
         self._set_status(payment_id, SENT)

@@ -17,63 +17,14 @@ from decimal import Decimal
 from typing import Any
 
 from golem_dask import config
-from golem_dask.errors import GolemDaskError, MarketError, NetworkError, PaymentError
-from golem_dask.market.hub import REMOTE_ERRORS, HubLink
-from golem_dask.market.relay import PROVIDER_METHODS
-from golem_dask.chain.units import from_wei
+from golem_dask.errors import GolemDaskError, MarketError, NetworkError
+from golem_dask.market.link import PROVIDER_METHODS, REMOTE_ERRORS, HubLink
 from golem_dask.protocol import wire
 from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice, Offer, Payment
 from golem_dask.provider.agent import ProviderAgent
+from golem_dask.provider.payment_check import PaymentCheck
 
 logger = logging.getLogger(__name__)
-
-
-class PaymentCheck:
-    """Verifies on chain that a payment's transaction moved the tokens to us.
-
-    Parameters
-    ----------
-    rpc_url, token_address:
-        The chain and the ERC-20 token the requestor pays with.
-    """
-
-    def __init__(self, rpc_url: str, token_address: str) -> None:
-        self.rpc_url = rpc_url
-        self.token_address = token_address
-        self._token: Any = None
-
-    def _contract(self) -> Any:
-        if self._token is None:
-            from web3 import HTTPProvider, Web3
-
-            from golem_dask.chain.contracts import load_artifact
-
-            w3 = Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
-            self._token = w3.eth.contract(address=Web3.to_checksum_address(self.token_address),
-                                          abi=load_artifact("GolemDaskToken")["abi"])
-        return self._token
-
-    def verify(self, payment: Payment, payee: str) -> Decimal:
-        """The amount the transaction moved from the payer to ``payee``; raises if short."""
-        from web3.logs import DISCARD
-
-        token = self._contract()
-        try:
-            receipt = token.w3.eth.get_transaction_receipt(payment.tx_hash)
-        except Exception as e:
-            raise PaymentError(f"transaction {payment.tx_hash} not found on chain: {e}") from e
-        if receipt["status"] != 1:
-            raise PaymentError(f"transaction {payment.tx_hash} reverted")
-        moved = sum(
-            (int(ev["args"]["value"]) for ev in token.events.Transfer().process_receipt(receipt, errors=DISCARD)
-             if ev["address"] == token.address and ev["args"]["receiver"] == payee
-             and ev["args"]["sender"] == payment.payer_addr),
-            0,
-        )
-        amount = from_wei(moved)
-        if amount < payment.amount:
-            raise PaymentError(f"transaction {payment.tx_hash} moved {amount} to us, not {payment.amount}")
-        return amount
 
 
 class ProviderDaemon:

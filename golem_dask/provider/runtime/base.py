@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from golem_dask import config
 from golem_dask.errors import ActivityError
 from golem_dask.protocol.properties import Resources
 from golem_dask.transfer import display_url
@@ -32,8 +33,6 @@ SANDBOX = "/golem"
 _ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
 #: In the sandbox, reserved for the provider: the worker's entry script and its order pipe.
 CONTROL_DIR = ".golem"
-#: How long ``run`` waits for the entry script to open its order pipe.
-ORDER_TIMEOUT_S = 60.0
 
 
 def sandbox_path(root: Path, path: str) -> Path:
@@ -157,9 +156,9 @@ def send_order(pipe: Path, payload: bytes, exited: Callable[[], bool], failure: 
 
     The pipe has no reader until the entry script opens it, a few tens of milliseconds
     after its process starts; ``exited`` is asked every 0.1 s meanwhile, and if the
-    process is gone (or :data:`ORDER_TIMEOUT_S` passes) ActivityError carries ``failure()``.
+    process is gone (or ``golem.provider.order-timeout`` passes) ActivityError carries ``failure()``.
     """
-    deadline = time.monotonic() + ORDER_TIMEOUT_S
+    deadline = time.monotonic() + config.seconds("provider.order-timeout")
     next_check = time.monotonic() + 0.1
     while True:
         try:

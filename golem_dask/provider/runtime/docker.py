@@ -52,8 +52,6 @@ LABEL_ACTIVITY = "golem-dask.activity"
 LABEL_PROVIDER = "golem-dask.provider"
 LABEL_AGENT_PID = "golem-dask.agent-pid"
 LABEL_VERSIONS = "golem-dask.versions"
-#: How long ``deploy`` trusts an earlier check that the image is present.
-IMAGE_CHECK_TTL_S = 30.0
 
 
 def _docker() -> Any:
@@ -64,9 +62,13 @@ def _docker() -> Any:
     return docker
 
 
-def engine(timeout_s: float = 5.0) -> Any:
-    """A connected docker client, or ActivityError saying how to start the engine."""
+def engine(timeout_s: float | None = None) -> Any:
+    """A connected docker client, or ActivityError saying how to start the engine.
+
+    Each request waits at most ``timeout_s`` (default ``golem.provider.docker-connect-timeout``).
+    """
     docker = _docker()
+    timeout_s = config.seconds("provider.docker-connect-timeout", timeout_s)
     try:
         # Without a pinned API version the client asks the engine for its own: that
         # request is the check that the engine answers.
@@ -268,14 +270,14 @@ class DockerRuntime(Runtime):
 
     def _checked(self, image: str) -> Any:
         found = self._images.get(image)
-        if found is not None and time.monotonic() - found[0] < IMAGE_CHECK_TTL_S:
+        if found is not None and time.monotonic() - found[0] < config.seconds("provider.image-check-ttl"):
             return found[1]
         return None
 
     def image_info(self, image: str | None = None) -> Any:
         """The engine's record of ``image`` (default: this runtime's), or ActivityError.
 
-        A record found in the last :data:`IMAGE_CHECK_TTL_S` seconds is reused.
+        A record found within ``golem.provider.image-check-ttl`` is reused.
         """
         image = image or self.image
         record = self._checked(image)

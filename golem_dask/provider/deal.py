@@ -1,0 +1,156 @@
+"""One agreement on the provider's side: its slice, its activity, its meter and its bill.
+
+A :class:`Deal` runs the agreement's one activity through the exe-script (``deploy``,
+``start``, ``transfer``, ``run``, ``terminate``), reports its states, watches the worker,
+sends debit notes while it runs, and stops it (always, also after a failure).  The
+:class:`~golem_dask.provider.agent.ProviderAgent` owns the deals; a deal knows only its
+own agreement and how to send a message to its requestor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from golem_dask.errors import ActivityError
+from golem_dask.protocol.messages import Activity, ActivityState, Agreement, DebitNote, ExeCommand, Invoice
+from golem_dask.protocol.pricing import LinearPricing
+from golem_dask.protocol.properties import Resources
+from golem_dask.provider.metering import UsageMeter
+from golem_dask.provider.runtime.base import RuntimeActivity
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[Activity | DebitNote | Invoice], Awaitable[None]]
+
+
+class Deal:
+    """The provider's state for one agreement.
+
+    Parameters
+    ----------
+    agreement:
+        As approved.
+    resources:
+        The slice it rents.
+    send:
+        Delivers an activity state or a debit note to the requestor.
+    debit_note_interval_s:
+        How often a running activity's usage is billed.
+    """
+
+    def __init__(self, agreement: Agreement, resources: Resources, send: Send, debit_note_interval_s: float) -> None:
+        self.agreement = agreement
+        self.resources = resources
+        self.activity: RuntimeActivity | None = None
+        self.meter = UsageMeter()
+        self.ending = False  # terminate() began: the slice is free again
+        self.stopped = False  # the activity was stopped
+        self.invoice: Invoice | None = None
+        self._send = send
+        self._interval_s = debit_note_interval_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Deal {self.agreement.id[:8]} {self.resources}>"
+
+    @property
+    def pricing(self) -> LinearPricing:
+        return LinearPricing.from_properties(self.agreement.offer.properties)
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` for as long as the deal lives (cancelled by :meth:`cancel_tasks`)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+
+    async def state(self, state: ActivityState, reason: str | None = None) -> None:
+        if self.activity is not None:
+            await self._send(Activity(self.activity.activity_id, self.agreement.id, state, reason))
+
+    async def exec(self, commands: Sequence[ExeCommand]) -> list[str]:
+        """Run an exe-script; the first failing command fails the activity."""
+        act = self.activity
+        assert act is not None
+        outputs: list[str] = []
+        for index, cmd in enumerate(commands):
+            try:
+                outputs.append(await self._command(act, cmd))
+            except Exception as e:
+                reason = f"command {index} ({cmd.command}) failed: {e}"
+                logger.warning("activity %s: %s", act.activity_id, reason)
+                await self.stop(ActivityState.FAILED, reason)
+                raise ActivityError(reason) from e
+        return outputs
+
+    async def _command(self, act: RuntimeActivity, cmd: ExeCommand) -> str:
+        if cmd.command == "deploy":
+            output = await act.deploy()
+            await self.state(ActivityState.DEPLOYED)
+        elif cmd.command == "start":
+            output = await act.start()
+            await self.state(ActivityState.READY)
+        elif cmd.command == "run":
+            output = await act.run(cmd.args["entry_point"], list(cmd.args.get("args", ())),
+                                   dict(cmd.args.get("env", {})))
+            self.meter.start()
+            self.spawn(self._watch())
+            self.spawn(self._debit_notes())
+            await self.state(ActivityState.RUNNING)
+        elif cmd.command == "transfer":
+            options = cmd.args.get("options")
+            output = await act.transfer(cmd.args["from"], cmd.args["to"], dict(options) if options else None)
+        else:  # "terminate": ExeCommand admits no other
+            await self.stop(ActivityState.TERMINATED, "exe-script terminate")
+            output = "terminated"
+        return output
+
+    async def _watch(self) -> None:
+        """Report a command that exits on its own as a failed activity."""
+        act = self.activity
+        assert act is not None
+        code = await act.wait()
+        if not self.ending and not self.stopped:
+            tail = "\n".join(act.logs().splitlines()[-20:])
+            await self.stop(ActivityState.FAILED, f"worker exited with code {code}\n{tail}")
+
+    async def _debit_notes(self) -> None:
+        pricing = self.pricing
+        act = self.activity
+        assert act is not None
+        while True:
+            await asyncio.sleep(self._interval_s)
+            if self.stopped:
+                return
+            self.meter.record_cpu(await act.cpu_seconds())
+            usage = self.meter.usage()
+            await self._send(DebitNote(
+                agreement_id=self.agreement.id,
+                activity_id=act.activity_id,
+                usage=usage,
+                total_amount_due=pricing.cost(usage),
+                issuer_id=self.agreement.provider_id,
+                recipient_id=self.agreement.requestor_id,
+            ))
+
+    async def stop(self, state: ActivityState, reason: str) -> None:
+        """Stop the activity (once), with its last CPU reading, and report ``state``."""
+        act = self.activity
+        if act is None or self.stopped:
+            return
+        self.stopped = True
+        try:
+            self.meter.record_cpu(await act.cpu_seconds())
+            await act.terminate()
+            self.meter.record_cpu(await act.cpu_seconds())
+        finally:
+            self.meter.stop()
+            await self.state(state, reason)
