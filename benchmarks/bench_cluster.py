@@ -20,8 +20,11 @@ warm-up rounds; figures are medians of the repeats):
    cancels within the round; the figure is the geometric mean of the rounds' ratios, with
    a bootstrap 95% interval.
 
+3. Close: ``close()`` of 4 workers after a task run, Golem (workers retired, invoices
+   checked and paid on the embedded devnet) against LocalCluster, A B B A per round.
+
 Targets: start-up Golem/Local <= 1.10 for every N; throughput Local time / Golem time >=
-0.97 for both workloads (the geometric mean of the rounds).  The process exits with status 1 if a target fails.
+0.97 for both workloads (the geometric mean of the rounds); close Golem/Local <= 2.0.  The process exits with status 1 if a target fails.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ WORKER_MEMORY = "2GiB"
 BUDGET = "5"
 STARTUP_TARGET = 1.10  # Golem start-up time / Local start-up time, at most
 THROUGHPUT_TARGET = 0.97  # Local time / Golem time, at least
+CLOSE_TARGET = 2.0  # Golem close time / Local close time, at most
+CLOSE_WORKERS = 4
 SETTLE_S = 0.5  # pause after each close so the next measurement starts on a quiet machine
 SCHEDULER_OPTIONS = {"host": "127.0.0.1", "port": 0, "dashboard_address": ":0"}
 
@@ -226,6 +231,64 @@ def bench_payer_start(repeats: int) -> list[float]:
     return [asyncio.run(one()) for _ in range(repeats)]
 
 
+# -- close ------------------------------------------------------------------------------
+
+
+def measure_close(kind: str, n: int) -> float:
+    """Start a cluster of ``n`` workers, run tasks on it, and time ``close()``.
+
+    For GolemCluster, close() retires the workers, waits for the invoices, checks them
+    against the requestor's own metering and pays them on the embedded devnet.
+    """
+    from golem_dask import GolemCluster
+
+    if kind == "golem":
+        cluster: Any = GolemCluster(n_workers=n, budget=BUDGET, silence_logs=logging.ERROR)
+    else:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=WORKER_MEMORY,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            assert client.gather(client.map(inc, range(200), pure=False))[-1] == 200
+    except BaseException:
+        cluster.close()
+        raise
+    t0 = time.perf_counter()
+    cluster.close()
+    elapsed = time.perf_counter() - t0
+    if kind == "golem":
+        bill = cluster.bill()
+        paid = [e for e in bill.entries if e.status == "paid"]
+        if len(paid) != n:
+            raise RuntimeError(f"close left {n - len(paid)} of {n} agreements unpaid:\n{bill}")
+    gc.collect()
+    time.sleep(SETTLE_S)
+    return elapsed
+
+
+def bench_close(rounds: int, n: int) -> dict[str, Any]:
+    """A B then B A per round: the round's ratio is Golem close time / Local close time."""
+    log(f"close warm-up (N={n}) ...")
+    measure_close("golem", n)
+    measure_close("local", n)
+    samples: dict[str, list[float]] = {"golem": [], "local": []}
+    ratios: list[float] = []
+    for r in range(rounds):
+        order = ["golem", "local", "local", "golem"] if r % 2 == 0 else ["local", "golem", "golem", "local"]
+        took = {"golem": 0.0, "local": 0.0}
+        for kind in order:
+            t = measure_close(kind, n)
+            samples[kind].append(t)
+            took[kind] += t
+        ratios.append(took["golem"] / took["local"])
+        log(f"  round {r + 1}/{rounds} ({' '.join(order)}): golem {took['golem'] / 2:.3f} "
+            f"local {took['local'] / 2:.3f} ratio {ratios[-1]:.3f}")
+    low, high = bootstrap_interval(ratios)
+    return {"workers": n, "samples_s": samples, "round_ratios_golem_local": ratios,
+            "median_s": {k: median(v) for k, v in samples.items()},
+            "ratio_golem_local": geometric_mean(ratios), "ratio_interval_95": [low, high]}
+
+
 # -- throughput -------------------------------------------------------------------------
 
 
@@ -339,7 +402,7 @@ def bench_throughput(repeats: int, n_workers: int, tasks: int, array_n: int, chu
 
 
 def report(startup: dict[str, Any] | None, payer: list[float] | None,
-           throughput: dict[str, Any] | None, repeats: int) -> list[dict[str, Any]]:
+           throughput: dict[str, Any] | None, repeats: int, close: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
     log()
     log(f"== results: medians of {repeats} repeats, seconds [min-max] ==")
@@ -383,6 +446,19 @@ def report(startup: dict[str, Any] | None, payer: list[float] | None,
         log("   interval is a bootstrap over rounds. Both clusters' workers run the same dask code, so")
         log("   the question is whether anything Golem adds costs time: an interval that holds 1.0 and")
         log("   stays above the target says it does not, within what this machine can resolve.")
+    if close:
+        log()
+        log(f"3. close(), {close['workers']} workers after a task run (Golem: retire, invoices checked, paid "
+            "on the embedded devnet)")
+        s, m = close["samples_s"], close["median_s"]
+        low, high = close["ratio_interval_95"]
+        log(f"   Golem {m['golem']:.3f} [{spread(s['golem'])}]  Local {m['local']:.3f} [{spread(s['local'])}]  "
+            f"Golem/Local {close['ratio_golem_local']:.3f} ({low:.3f}-{high:.3f})")
+        targets.append({
+            "name": f"close N={close['workers']}: Golem/Local <= {CLOSE_TARGET:.1f}",
+            "value": close["ratio_golem_local"],
+            "pass": close["ratio_golem_local"] <= CLOSE_TARGET,
+        })
     report_targets(targets)
     return targets
 
@@ -399,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1000, help="array chunk side")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-close", action="store_true")
+    parser.add_argument("--close-rounds", type=int, help="A B B A close rounds (default 6, quick 2)")
     args = parser.parse_args(argv)
 
     repeats = args.repeats or (2 if args.quick else 5)
@@ -422,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Devnet.shared()
     log(f"embedded devnet ready in {time.perf_counter() - t0:.2f} s (not counted)")
 
-    startup = payer = throughput = None
+    startup = payer = throughput = close = None
     if not args.skip_startup:
         log()
         startup = bench_startup(ns, repeats, warmup_ns)
@@ -432,12 +510,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("throughput: starting a GolemCluster and a LocalCluster with 2 workers x 1 thread")
         throughput = bench_throughput(rounds, 2, tasks, array_n, args.chunk)
 
-    targets = report(startup, payer, throughput, repeats)
+    if not args.skip_close:
+        log()
+        log(f"close: {CLOSE_WORKERS} workers, a task run, then close(), Golem and Local in turn")
+        close = bench_close(args.close_rounds or (2 if args.quick else 6), CLOSE_WORKERS)
+
+    targets = report(startup, payer, throughput, repeats, close)
     total = time.perf_counter() - started
     log(f"\n(total benchmark time {total:.0f} s)")
     return finish(args.json, targets, repeats=repeats, throughput_rounds=rounds, quick=args.quick,
                   worker_memory=WORKER_MEMORY, provider=PROVIDER, startup=startup,
-                  embedded_payer_start_s=payer, throughput=throughput, total_s=total)
+                  embedded_payer_start_s=payer, throughput=throughput, close=close, total_s=total)
 
 
 if __name__ == "__main__":  # LocalCluster's nannies spawn processes that re-import this file

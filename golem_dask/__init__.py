@@ -3,7 +3,9 @@
 Examples
 --------
 >>> from golem_dask import GolemCluster
->>> cluster = GolemCluster(n_workers=2, cpu=1, memory="1GiB", budget="1")  # doctest: +SKIP
+>>> with GolemCluster(n_workers=1, cpu=1, memory="1GiB", budget="1") as cluster:
+...     print(len(cluster.scheduler.workers))
+1
 """
 
 from __future__ import annotations

@@ -140,10 +140,15 @@ class GolemCluster(SpecCluster):
     --------
     >>> from golem_dask import GolemCluster
     >>> from distributed import Client
-    >>> with GolemCluster(n_workers=2, budget="1") as cluster, Client(cluster) as client:  # doctest: +SKIP
+    >>> with GolemCluster(n_workers=2, budget="1") as cluster, Client(cluster) as client:
     ...     print(client.submit(sum, [1, 2, 3]).result())
-    ...     print(cluster.bill())
     6
+    >>> print(cluster.bill())  # doctest: +ELLIPSIS
+    Bill for 0x... on erc20-devnet-glm
+    worker ...
+    golem-0 ...  paid ...
+    golem-1 ...  paid ...
+    total paid: ... GLM
     """
 
     def __init__(
@@ -265,10 +270,10 @@ class GolemCluster(SpecCluster):
             try:
                 await self.market.start()
                 # The payer is not started here: it connects (and the embedded devnet is
-                # created and funded) on the first payment, which keeps chain set-up out
-                # of the time to ready workers.
+                # created and funded) once the workers are up, which keeps chain set-up
+                # out of the time to ready workers and out of the time to close.
                 await self.negotiator.start()
-                self._spawn(self._answer_documents(), "golem-accountant")
+                self._spawn(self.accountant.answer(self.market), "golem-accountant")
                 # The first workers' agreements are negotiated, and their activities
                 # started, while the scheduler starts.
                 early = [Rental(self._parts, name).prepare_soon() for name in self.worker_spec]
@@ -290,13 +295,13 @@ class GolemCluster(SpecCluster):
             self._spawn(meter_cpu(lambda: self.scheduler, lambda name: getattr(self.workers.get(name), "agreement_id",
                                                                                 None),
                                   self.accountant, config.seconds("payment.metering-interval")), "golem-metering")
+            self._spawn(self._start_payer(), "golem-payer-start")
 
-    async def _answer_documents(self) -> None:
-        async for document in self.market.payment_events():
-            try:
-                await self.accountant.on_document(self.market, document)
-            except Exception:
-                logger.exception("could not answer %s", type(document).__name__)
+    async def _start_payer(self) -> None:
+        try:
+            await self.payer.start()
+        except Exception as e:  # the first payment tries again and reports it
+            logger.info("the payer could not start yet: %s", e)
 
     async def _correct_state_internal(self) -> None:
         # SpecCluster fails the whole cluster when one worker fails to start.  A worker
@@ -386,7 +391,11 @@ class GolemCluster(SpecCluster):
 
         Examples
         --------
-        >>> print(cluster.bill())  # doctest: +SKIP
+        >>> with GolemCluster(n_workers=1, budget="1") as cluster:
+        ...     pass
+        >>> bill = cluster.bill()
+        >>> [(e.worker, e.status) for e in bill.entries], bill.total > 0
+        ([('golem-0', 'paid')], True)
         """
         return self.accountant.bill()
 

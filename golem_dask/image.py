@@ -146,8 +146,9 @@ def build(tag: str | None = None, base: str | None = None, extra_packages: Seque
 
     Examples
     --------
-    >>> build()  # doctest: +SKIP
-    'golem-dask-worker:py3.11-dask2026.8.0'
+    With a Docker engine (this is ``golem-dask image build``)::
+
+        tag = build()   # e.g. 'golem-dask-worker:py3.11-dask2026.8.0'
     """
     tag = tag or default_tag()
     base = base or build_base(log)

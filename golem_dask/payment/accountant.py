@@ -181,6 +181,14 @@ class Accountant:
         if account is not None and account.stopped is None:
             account.observed_cpu_sec += cpu_sec
 
+    async def answer(self, market: Any) -> None:
+        """Answer every debit note and invoice ``market`` delivers, until its stream ends."""
+        async for document in market.payment_events():
+            try:
+                await self.on_document(market, document)
+            except Exception:
+                logger.exception("could not answer %s", type(document).__name__)
+
     async def on_document(self, market: Any, document: DebitNote | Invoice) -> None:
         """Check one debit note or invoice from the market and answer it."""
         account = self.accounts.get(document.agreement_id)

@@ -32,7 +32,7 @@ from golem_dask.errors import ConfigError, PaymentError
 from golem_dask.payment.base import Payer, Transfer
 from golem_dask.payment.connection import Connection
 from golem_dask.payment.fees import GWEI, FeePolicy
-from golem_dask.payment.ledger import PAID, Debt, Ledger, PaymentRecord
+from golem_dask.payment.ledger import OWED, PAID, Debt, Ledger, PaymentRecord
 from golem_dask.payment.session import LazySession
 from golem_dask.protocol.identity import Wallet
 
@@ -209,13 +209,8 @@ class EthereumPayer(Payer):
         return self.connection.chain_id
 
     async def start(self) -> None:
-        """Connect to the chain and, for an embedded payer, fund the wallet.
-
-        Raises
-        ------
-        PaymentError
-            If the chain could not be reached or the wallet could not be funded.
-        """
+        """Connect to the chain and, for an embedded payer, fund the wallet (PaymentError if
+        either fails)."""
         await self._ensure_started()
 
     async def close(self) -> None:
@@ -284,7 +279,7 @@ class EthereumPayer(Payer):
         if self._on_step is not None:
             self._on_step("debt")
         await self._ensure_started()
-        await self.settle()
+        await self._settle(for_debt=debt.id)
         debt = await asyncio.to_thread(self.ledger.debt, debt.id)
         if debt.status != PAID or debt.payment_id is None:
             cause = self._session.get().errors.pop(debt.id, None)
@@ -303,8 +298,13 @@ class EthereumPayer(Payer):
         Returns the payments confirmed by this call.  Safe to call concurrently (one
         runs at a time) and after a crash (reconciling comes first).
         """
+        return await self._settle()
+
+    async def _settle(self, for_debt: str | None = None) -> list[PaymentRecord]:
         await self._ensure_started()
         async with self._pay_lock():
+            if for_debt is not None and (await asyncio.to_thread(self.ledger.debt, for_debt)).status != OWED:
+                return []  # the settle before ours paid it (or has it in flight): nothing to wait for
             if self._batch_window_s:
                 await asyncio.sleep(self._batch_window_s)  # let concurrent debts join
             return await asyncio.to_thread(self._session.get().settle)
