@@ -24,6 +24,8 @@ RUNTIME_NAME = "golem.runtime.name"
 # Service.
 EXPIRATION = "golem.srv.comp.expiration"  # milliseconds since the epoch
 IMAGE = "golem.srv.comp.task_package"
+#: JSON of the Python, dask and distributed versions the requestor runs (a worker image must match).
+DASK_VERSIONS = "golem.srv.comp.dask.versions"
 
 # Commercial terms.
 PRICING_MODEL = "golem.com.pricing.model"

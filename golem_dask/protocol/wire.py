@@ -2,8 +2,9 @@
 
 A message encodes as a msgpack extension holding its type name and its fields in
 declaration order; ``Decimal`` encodes as an extension holding its exact text, so money
-never passes through a float.  Decoding accepts only the known message types and
-raises :class:`~golem_dask.errors.ProtocolError` on anything else.
+never passes through a float.  Decoding accepts only the known message types, refuses
+NaN, infinities and negative decimals, and raises
+:class:`~golem_dask.errors.ProtocolError` on anything else.
 
 On the network every message travels in a signed :class:`Envelope` (:func:`seal`,
 :func:`verify`), framed with a 4-byte length (:func:`frame`, :func:`unframe`,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -55,12 +57,31 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {cls.__name__} on the wire")
 
 
+def _finite_floats(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ProtocolError(f"non-finite number {obj} on the wire")
+    if isinstance(obj, list):
+        for item in obj:
+            _finite_floats(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _finite_floats(item)
+    return obj
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_DECIMAL:
         try:
-            return Decimal(data.decode())
+            value = Decimal(data.decode())
         except (InvalidOperation, UnicodeDecodeError) as e:
             raise ProtocolError("malformed decimal on the wire") from e
+        # Every number the protocol carries as a Decimal (prices, usage, amounts, sizes)
+        # is a finite quantity >= 0: anything else is refused before any logic sees it.
+        if not value.is_finite():
+            raise ProtocolError(f"non-finite decimal {value} on the wire")
+        if value < 0:
+            raise ProtocolError(f"negative amount {value} on the wire")
+        return value
     if code == _EXT_MESSAGE:
         body = _unpack(data)
         if not (isinstance(body, list) and len(body) == 2 and isinstance(body[1], list)):
@@ -85,7 +106,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+    return _finite_floats(msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True))
 
 
 def encode(message: Any) -> bytes:
