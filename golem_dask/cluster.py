@@ -387,16 +387,8 @@ class GolemCluster(SpecCluster):
     # -- money ------------------------------------------------------------------------
 
     def bill(self) -> Bill:
-        """Every agreement with its usage, amount, status and transaction hash.
-
-        Examples
-        --------
-        >>> with GolemCluster(n_workers=1, budget="1") as cluster:
-        ...     pass
-        >>> bill = cluster.bill()
-        >>> [(e.worker, e.status) for e in bill.entries], bill.total > 0
-        ([('golem-0', 'paid')], True)
-        """
+        """Every agreement with its usage, amount, status and transaction hash (see the
+        class's example)."""
         return self.accountant.bill()
 
     def __repr__(self) -> str:

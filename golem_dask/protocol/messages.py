@@ -38,6 +38,20 @@ def _freeze_props(obj: Any, name: str = "properties") -> None:
     object.__setattr__(obj, name, freeze(getattr(obj, name)))
 
 
+def _amount(value: Any, what: str) -> None:
+    """Refuse what can never be an amount of money or of usage (decoding turns the
+    ValueError into a ProtocolError)."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        raise ValueError(f"{what} must be a Decimal, not {type(value).__name__}")
+    if not Decimal(value).is_finite() or value < 0:
+        raise ValueError(f"{what} must be a finite amount >= 0, not {value}")
+
+
+def _usage(usage: Mapping[str, Any]) -> None:
+    for name, value in usage.items():
+        _amount(value, f"usage {name}")
+
+
 @dataclass(frozen=True, slots=True)
 class Demand:
     """What a requestor needs: properties it states and constraints on offers."""
@@ -176,6 +190,8 @@ class DebitNote:
 
     def __post_init__(self) -> None:
         _freeze_props(self, "usage")
+        _usage(self.usage)
+        _amount(self.total_amount_due, "total_amount_due")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +212,8 @@ class Invoice:
 
     def __post_init__(self) -> None:
         _freeze_props(self, "usage")
+        _usage(self.usage)
+        _amount(self.amount, "amount")
         object.__setattr__(self, "activity_ids", tuple(self.activity_ids))
 
 
@@ -213,6 +231,7 @@ class Payment:
     timestamp_ms: int = field(default_factory=now_ms)
 
     def __post_init__(self) -> None:
+        _amount(self.amount, "amount")
         object.__setattr__(self, "invoice_ids", tuple(self.invoice_ids))
 
 

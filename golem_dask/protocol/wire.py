@@ -3,7 +3,7 @@
 A message encodes as a msgpack extension holding its type name and its fields in
 declaration order; ``Decimal`` encodes as an extension holding its exact text, so money
 never passes through a float.  Decoding accepts only the known message types, refuses
-NaN, infinities and negative decimals, and raises
+NaN and infinities (and, through the messages' own checks, negative amounts), and raises
 :class:`~golem_dask.errors.ProtocolError` on anything else.
 
 On the network every message travels in a signed :class:`Envelope` (:func:`seal`,
@@ -75,12 +75,10 @@ def _ext_hook(code: int, data: bytes) -> Any:
             value = Decimal(data.decode())
         except (InvalidOperation, UnicodeDecodeError) as e:
             raise ProtocolError("malformed decimal on the wire") from e
-        # Every number the protocol carries as a Decimal (prices, usage, amounts, sizes)
-        # is a finite quantity >= 0: anything else is refused before any logic sees it.
+        # NaN and infinities are refused before any logic sees them (negative amounts
+        # and usage are refused by the messages that carry them).
         if not value.is_finite():
             raise ProtocolError(f"non-finite decimal {value} on the wire")
-        if value < 0:
-            raise ProtocolError(f"negative amount {value} on the wire")
         return value
     if code == _EXT_MESSAGE:
         body = _unpack(data)
