@@ -80,7 +80,7 @@ async def main(args: argparse.Namespace) -> int:
             platform=platform,
             debit_note_interval_s=3600,
         )
-        daemon = ProviderDaemon(ProviderAgent(settings, ProcessRuntime(), wallet.address), wallet, hub.url)
+        daemon = ProviderDaemon(ProviderAgent(settings, ProcessRuntime(), wallet), wallet, hub.url)
         daemons.append(daemon)
     await asyncio.gather(*(d.start() for d in daemons))
     while len(hub._offers) < args.providers:

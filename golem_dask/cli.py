@@ -129,7 +129,7 @@ def provider(args: argparse.Namespace) -> int:
                  "price-per-cpu-hour": args.price_per_cpu_hour, "price-per-hour": args.price_per_hour,
                  "start-price": args.start_price}
         settings = provider_settings(entry, config.get("payment.platform"))
-        agent = ProviderAgent(settings, make_runtime(args.runtime, args.name), wallet.address)
+        agent = ProviderAgent(settings, make_runtime(args.runtime, args.name), wallet)
         rpc = args.rpc_url or config.get("payment.rpc-url")
         token = config.address("payment.token-address", args.token_address)
         check = PaymentCheck(rpc, str(token)) if rpc and token else None

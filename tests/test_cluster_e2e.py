@@ -155,7 +155,7 @@ class InflatingAgent(ProviderAgent):
 def test_inflated_invoice_is_rejected_and_not_paid() -> None:
     honest, = embedded_agents("erc20-devnet-glm", [provider("honest", 1, "0.1")])
     template, = embedded_agents("erc20-devnet-glm", [provider("cheat", 1, "0.01")])
-    cheat = InflatingAgent(template.settings, template.runtime, template.id)
+    cheat = InflatingAgent(template.settings, template.runtime, template.wallet)
     market = LocalMarket([honest, cheat])
     with GolemCluster(n_workers=2, budget="2", market=market) as cluster:
         with Client(cluster) as client:

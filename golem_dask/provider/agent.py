@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from golem_dask.errors import ActivityError, ProposalRejected
 from golem_dask.protocol import properties as P
+from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import (
     Activity,
     ActivityState,
@@ -67,14 +68,19 @@ class ProviderAgent:
         Capacity, prices and payment platform.
     runtime:
         How activities run (``ProcessRuntime()``, ``DockerRuntime(...)``).
-    address:
-        The provider's payment address, which is also its identity.
+    wallet:
+        The provider's key: its address is the provider's identity and payment address;
+        it signs the agreements the provider approves and opens what requestors
+        encrypted for it.
     """
 
-    def __init__(self, settings: ProviderSettings, runtime: Runtime, address: str) -> None:
+    def __init__(self, settings: ProviderSettings, runtime: Runtime, wallet: Wallet) -> None:
+        if not isinstance(wallet, Wallet):
+            raise TypeError(f"a provider agent needs its Wallet, not {type(wallet).__name__}")
         self.settings = settings
         self.runtime = runtime
-        self.id = address
+        self.wallet = wallet
+        self.id = wallet.address
         self.offer: Offer | None = None
         self.payments: list[Payment] = []
         self.rejections: dict[str, str] = {}

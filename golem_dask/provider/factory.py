@@ -92,7 +92,7 @@ def embedded_agents(
             if kind not in RUNTIMES:
                 raise ConfigError(f"{what}.runtime={kind!r}: use 'process', 'docker' or 'auto'")
             chosen = make_runtime(str(kind), settings.name, image, docker_client)
-        agents.append(ProviderAgent(settings, chosen, Wallet.generate().address))
+        agents.append(ProviderAgent(settings, chosen, Wallet.generate()))
     return agents
 
 
