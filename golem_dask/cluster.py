@@ -202,6 +202,8 @@ class GolemCluster(SpecCluster):
         self.market = backend if isinstance(backend, Market) else make_market(
             backend, payer, lambda: embedded_agents(self.spec.platform, runtime=plan.embedded, image=plan.image,
                                                     docker_client=plan.docker_client))
+        if getattr(payer, "wallet", None) is not None:
+            self.market.bind_wallet(payer.wallet)
         self.budget = Budget(total)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
         self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import (
     Activity,
     Agreement,
@@ -58,6 +59,13 @@ class Market(abc.ABC):
     #: backend whose offers all arrive at once (the embedded one) needs none.
     collection_window_s: float = 0.0
 
+    def bind_wallet(self, wallet: Wallet) -> None:  # noqa: B027 - optional hook
+        """The requestor's key, for backends that sign agreements themselves.
+
+        The cluster calls this before :meth:`start` with its payer's wallet; a backend
+        given a wallet at construction keeps that one.
+        """
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect.  Called once before anything else."""
 
@@ -95,7 +103,12 @@ class Market(abc.ABC):
 
     @abc.abstractmethod
     async def confirm_agreement(self, agreement_id: str, timeout_s: float) -> Agreement:
-        """Sign the agreement and wait for the provider's approval."""
+        """Sign the agreement and wait for the provider's approval.
+
+        Returns the agreement as approved, only if the provider signed exactly the terms
+        the requestor signed; raises :class:`~golem_dask.errors.ProposalRejected` if it
+        declined, or approved anything else.
+        """
 
     @abc.abstractmethod
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:

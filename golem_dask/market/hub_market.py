@@ -33,7 +33,7 @@ class HubMarket(RelayMarket):
     """
 
     def __init__(self, url: str, wallet: Any) -> None:
-        super().__init__()
+        super().__init__(wallet)
         self.collection_window_s = config.seconds("hub.collection-window")
         self.url = url
         self.link = HubLink(url, wallet, "requestor", self._on_message, self._on_connect)

@@ -19,6 +19,7 @@ from golem_dask.market.base import MarketEvent, OfferReceived, OfferWithdrawn
 from golem_dask.market.link import PROVIDER_METHODS
 from golem_dask.market.matching import matches, offer_proposal, parse_filter
 from golem_dask.market.relay import RelayMarket, drain
+from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import Activity, DebitNote, Demand, Invoice, Offer, new_id
 from golem_dask.protocol.wire import decode, encode
 
@@ -75,6 +76,8 @@ class LocalMarket(RelayMarket):
     providers:
         The agents selling here.  The market connects them on ``start`` and closes them
         on ``close``.
+    wallet:
+        The requestor's key, which signs agreements (a cluster binds its payer's).
 
     Examples
     --------
@@ -82,8 +85,8 @@ class LocalMarket(RelayMarket):
     >>> market = LocalMarket([])  # providers are added with add_provider()
     """
 
-    def __init__(self, providers: Sequence[Seller] = ()) -> None:
-        super().__init__()
+    def __init__(self, providers: Sequence[Seller] = (), wallet: Wallet | None = None) -> None:
+        super().__init__(wallet)
         self.providers: dict[str, Seller] = {p.id: p for p in providers}
         self._offers: dict[str, Offer] = {}
         self._subs: dict[str, _Subscription] = {}

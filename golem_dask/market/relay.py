@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from golem_dask.errors import ActivityError, MarketError
+from golem_dask.errors import ActivityError, MarketError, ProposalRejected, ProtocolError
 from golem_dask.market.base import Market, PaymentDocument
 from golem_dask.protocol import properties as P
+from golem_dask.protocol import terms
+from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import (
     Activity,
     ActivityState,
     Agreement,
+    AgreementState,
     DebitNote,
     Demand,
     ExeCommand,
@@ -37,6 +42,27 @@ from golem_dask.protocol.messages import (
 T = TypeVar("T")
 FINAL_STATES = {ActivityState.TERMINATED, ActivityState.FAILED}
 
+def check_approval(ours: Agreement, approved: Any) -> None:
+    """Refuse an approval unless it is our agreement, approved and signed by its provider
+    over exactly the terms we signed (a provider may not change its prices after it was
+    chosen)."""
+    provider = ours.provider_id
+    if not isinstance(approved, Agreement) or approved.id != ours.id:
+        raise ProposalRejected(f"provider {provider} approved something else than agreement {ours.id}")
+    if terms.digest(approved) != terms.digest(ours) or approved.requestor_signature != ours.requestor_signature:
+        changed = [f.name for f in dataclasses.fields(Agreement)
+                   if f.name in ("demand", "offer", "requestor_id", "provider_id", "valid_to_ms")
+                   and getattr(approved, f.name) != getattr(ours, f.name)]
+        raise ProposalRejected(f"provider {provider} approved other terms than agreement {ours.id} "
+                               f"(changed: {', '.join(changed) or 'signature'}); refused")
+    if approved.state is not AgreementState.APPROVED:
+        raise ProposalRejected(f"provider {provider} answered agreement {ours.id} in state {approved.state.value}")
+    try:
+        terms.check(approved, "provider")
+    except ProtocolError as e:
+        raise ProposalRejected(f"provider {provider}'s approval of {ours.id} is not valid: {e}") from None
+
+
 async def drain(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
     """Items of ``queue`` until a ``None`` ends it."""
     while (item := await queue.get()) is not None:
@@ -46,7 +72,8 @@ async def drain(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
 class RelayMarket(Market):
     """A market whose providers are reached through :meth:`_call`."""
 
-    def __init__(self) -> None:
+    def __init__(self, wallet: Wallet | None = None) -> None:
+        self.wallet = wallet  # the requestor's: it signs every agreement's terms
         self._proposals: dict[str, Proposal] = {}
         self._agreements: dict[str, Agreement] = {}
         self._activity_provider: dict[str, str] = {}
@@ -55,6 +82,10 @@ class RelayMarket(Market):
         self._activity_queues: dict[str, list[asyncio.Queue[Activity | None]]] = {}
         self._payments: asyncio.Queue[PaymentDocument | None] = asyncio.Queue()
         self._closed = False
+
+    def bind_wallet(self, wallet: Wallet) -> None:
+        if self.wallet is None:
+            self.wallet = wallet
 
     @abc.abstractmethod
     async def _call(self, provider_id: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
@@ -113,15 +144,22 @@ class RelayMarket(Market):
         ours = self._proposals.get(theirs.prev_proposal_id or "") if theirs else None
         if theirs is None or ours is None or theirs.issuer is not Issuer.PROVIDER:
             raise MarketError(f"proposal {proposal_id} is not a provider's reply to our counter-proposal")
+        if self.wallet is None:
+            raise MarketError(f"{type(self).__name__} has no requestor wallet to sign agreements with; "
+                              "pass one (GolemCluster does: its payer's)")
         platform = ours.properties.get(P.CHOSEN_PLATFORM, "")
-        agreement = Agreement(
+        requestor = str(ours.properties.get(P.payment_address(platform), ""))
+        if requestor != self.wallet.address:
+            raise MarketError(f"the demand names {requestor} as the payer, but this market signs as "
+                              f"{self.wallet.address}")
+        agreement = terms.sign(Agreement(
             id=new_id(),
             demand=ours,
             offer=theirs,
-            requestor_id=str(ours.properties.get(P.payment_address(platform), "")),
+            requestor_id=requestor,
             provider_id=theirs.provider_id,
             valid_to_ms=valid_to_ms,
-        )
+        ), self.wallet)
         self._agreements[agreement.id] = agreement
         return agreement
 
@@ -134,8 +172,13 @@ class RelayMarket(Market):
     async def confirm_agreement(self, agreement_id: str, timeout_s: float) -> Agreement:
         agreement = self._agreement(agreement_id)
         approved = await self._call(agreement.provider_id, "approve", agreement, timeout_s=timeout_s)
-        if not isinstance(approved, Agreement) or approved.id != agreement.id:
-            raise MarketError(f"provider {agreement.provider_id} approved something else than {agreement_id}")
+        try:
+            check_approval(agreement, approved)
+        except ProposalRejected:
+            # The provider may think it holds an agreement: tell it that it does not.
+            with contextlib.suppress(Exception):
+                await self._call(agreement.provider_id, "terminate", agreement_id, "approved other terms")
+            raise
         self._agreements[agreement_id] = approved
         return approved
 

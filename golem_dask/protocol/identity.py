@@ -24,12 +24,12 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from golem_dask.errors import ConfigError
+from golem_dask.errors import ConfigError, ProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Wallet", "checksum_address", "keccak256", "recover_address"]
+__all__ = ["Wallet", "checksum_address", "keccak256", "recover_address", "signer_of"]
 
 #: Order of the secp256k1 group; a private key must lie in ``[1, N - 1]``.
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -116,6 +116,41 @@ def recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes:
 
 
 _ADDRESS = re.compile(r"(?:0x)?([0-9a-fA-F]{40})")
+
+
+def signer_of(digest: bytes, signature: bytes) -> str:
+    """The checksummed address whose key made ``signature`` (65 bytes ``r || s || v``,
+    as :meth:`Wallet.sign_message_hash` makes them) over the 32-byte ``digest``.
+
+    The signature's shape is checked first: ``v`` 27 or 28, ``r`` and ``s`` in range and
+    ``s`` low (a high ``s`` would make a second valid signature from every valid one).
+
+    Raises
+    ------
+    ProtocolError
+        ``"bad signature: ..."`` saying what is wrong.
+
+    Examples
+    --------
+    >>> wallet = Wallet.from_key("11" * 32)
+    >>> signer_of(b"\x01" * 32, wallet.sign_message_hash(b"\x01" * 32)) == wallet.address
+    True
+    """
+    if not isinstance(signature, bytes | bytearray) or len(signature) != 65:
+        raise ProtocolError(f"bad signature: expected 65 bytes, got {len(signature) if isinstance(signature, bytes | bytearray) else type(signature).__name__}")
+    v = signature[64]
+    if v not in (27, 28):
+        raise ProtocolError(f"bad signature: v is {v}, expected 27 or 28")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    if not 0 < r < _SECP256K1_N:
+        raise ProtocolError("bad signature: r out of range")
+    if not 0 < s <= _SECP256K1_N // 2:
+        raise ProtocolError("bad signature: s out of range (not low-s)")
+    try:
+        return checksum_address(recover_address(bytes(digest), bytes(signature[:64]), v - 27))
+    except Exception:  # the backends raise several kinds on unrecoverable signatures
+        raise ProtocolError("bad signature: no public key recovers from it") from None
 
 
 def checksum_address(address: bytes | str) -> str:

@@ -112,7 +112,10 @@ class AgreementState(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Agreement:
-    """Terms both sides signed: the requestor's and the provider's final proposals."""
+    """Terms both sides signed: the requestor's and the provider's final proposals.
+
+    The signatures cover the terms (:mod:`golem_dask.protocol.terms`), not the state.
+    """
 
     id: str
     demand: Proposal
@@ -123,9 +126,15 @@ class Agreement:
     state: AgreementState = AgreementState.PROPOSAL
     approved_at_ms: int | None = None
     terminated_reason: str | None = None
+    # Hidden from repr: 65 opaque bytes each.
+    requestor_signature: bytes = field(default=b"", repr=False)
+    provider_signature: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", AgreementState(self.state))
+        for name in ("requestor_signature", "provider_signature"):
+            if not isinstance(getattr(self, name), bytes):
+                raise ValueError(f"{name} must be bytes")
 
     @property
     def properties(self) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
-from golem_dask.errors import ActivityError, ProposalRejected
+from golem_dask import config
+from golem_dask.errors import ActivityError, ProposalRejected, ProtocolError
 from golem_dask.protocol import properties as P
+from golem_dask.protocol import terms
 from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import (
     Activity,
@@ -41,7 +43,7 @@ from golem_dask.protocol.messages import (
 )
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.deal import Deal
-from golem_dask.provider.offers import ProviderSettings, check_demand, make_offer
+from golem_dask.provider.offers import ProposalBook, ProviderSettings, check_demand, make_offer
 from golem_dask.provider.runtime.base import Runtime
 
 __all__ = ["ProviderAgent", "ProviderLink", "ProviderSettings"]
@@ -88,6 +90,8 @@ class ProviderAgent:
         self._link: ProviderLink | None = None
         self._deals: dict[str, Deal] = {}
         self._activities: dict[str, Deal] = {}
+        self._proposals = ProposalBook(config.seconds("provider.proposal-ttl"))
+        self._agreement_ids: set[str] = set()  # every agreement ever approved here
         self._lock = asyncio.Lock()
         self._closed = False
         self._startup: asyncio.Task[None] | None = None
@@ -185,7 +189,7 @@ class ProviderAgent:
         """Answer a requestor's counter-proposal with ours, or reject it."""
         check_demand(self.settings, self.offer, demand, self.free)
         assert self.offer is not None
-        return Proposal(
+        ours = Proposal(
             issuer=Issuer.PROVIDER,
             properties=self.offer.properties,
             constraints=self.offer.constraints,
@@ -194,20 +198,44 @@ class ProviderAgent:
             provider_id=self.id,
             prev_proposal_id=demand.id,
         )
+        self._proposals.add(ours, demand)
+        return ours
+
+    def _check_terms(self, agreement: Agreement) -> None:
+        """Refuse an agreement unless it binds a proposal this agent made, to the demand it
+        answered, signed by the requestor the demand names, under an id never used."""
+        if agreement.provider_id != self.id:
+            raise ProposalRejected("agreement names another provider")
+        if agreement.id in self._agreement_ids:
+            raise ProposalRejected(f"agreement id {agreement.id} was used before; make a new agreement")
+        made = self._proposals.get(agreement.offer.id)
+        if made is None or made[0] != agreement.offer:
+            raise ProposalRejected(f"the agreement's offer {agreement.offer.id} is not a proposal provider "
+                                   f"{self.settings.name} made (or it expired): agree to its latest proposal")
+        if made[1] != agreement.demand:
+            raise ProposalRejected("the agreement's demand is not the counter-proposal this provider answered")
+        payer = agreement.demand.properties.get(P.payment_address(self.settings.platform))
+        if payer != agreement.requestor_id:
+            raise ProposalRejected(f"the agreement's requestor {agreement.requestor_id} is not the payer its demand "
+                                   f"names ({payer})")
+        if not 0 < agreement.valid_to_ms - now_ms() <= int(agreement.demand.properties.get(P.EXPIRATION, 0)) - now_ms():
+            raise ProposalRejected("agreement expired, or runs past its demand's expiration")
+        try:
+            terms.check(agreement, "requestor")
+        except ProtocolError as e:
+            raise ProposalRejected(str(e)) from None
 
     async def approve(self, agreement: Agreement) -> Agreement:
-        """Approve an agreement if its slice is still free; reserve it."""
+        """Approve an agreement if its terms are this provider's and its slice is free; reserve it."""
         async with self._lock:
             if self._closed:
                 raise ProposalRejected("provider is shutting down")
-            if agreement.provider_id != self.id:
-                raise ProposalRejected("agreement names another provider")
-            if agreement.valid_to_ms <= now_ms():
-                raise ProposalRejected("agreement already expired")
-            wanted = Resources.from_properties(agreement.demand.properties)
-            if not wanted.fits_in(self.free):
-                raise ProposalRejected(f"sold out meanwhile: only {self.free} free, agreement wants {wanted}")
-            approved = _replace_agreement(agreement, state=AgreementState.APPROVED, approved_at_ms=now_ms())
+            self._check_terms(agreement)
+            # The slice is checked again now: other agreements may have taken capacity since.
+            wanted = check_demand(self.settings, self.offer, agreement.demand, self.free)
+            self._agreement_ids.add(agreement.id)
+            approved = terms.sign(_replace_agreement(agreement, state=AgreementState.APPROVED,
+                                                     approved_at_ms=now_ms()), self.wallet)
             deal = Deal(approved, wanted, self._send, self.settings.debit_note_interval_s)
             self._deals[agreement.id] = deal
             deal.spawn(self._expire(deal))

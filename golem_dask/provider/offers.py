@@ -66,6 +66,39 @@ def make_offer(settings: ProviderSettings, runtime_properties: dict[str, Any], f
     return Offer(properties=props, constraints=offer_constraints(settings.platform), provider_id=provider_id)
 
 
+class ProposalBook:
+    """The proposals a provider made lately, each with the counter-proposal it answered,
+    so that an agreement can only bind terms the provider itself stated.
+
+    Entries older than ``ttl_s`` are forgotten, and at most ``max_entries`` are kept.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_ms = int(ttl_s * 1000)
+        self.max_entries = max_entries
+        self._made: dict[str, tuple[Proposal, Proposal, int]] = {}  # in insertion (= time) order
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def add(self, ours: Proposal, answered: Proposal) -> None:
+        now = now_ms()
+        self._made[ours.id] = (ours, answered, now)
+        oldest_allowed = now - self.ttl_ms
+        while self._made:
+            first = next(iter(self._made))
+            if len(self._made) <= self.max_entries and self._made[first][2] >= oldest_allowed:
+                break
+            del self._made[first]
+
+    def get(self, proposal_id: str) -> tuple[Proposal, Proposal] | None:
+        """``(our proposal, the counter-proposal it answered)``, if made within the TTL."""
+        found = self._made.get(proposal_id)
+        if found is None or found[2] < now_ms() - self.ttl_ms:
+            return None
+        return found[0], found[1]
+
+
 def check_demand(settings: ProviderSettings, offer: Offer | None, demand: Proposal, free: Resources) -> Resources:
     """The slice ``demand`` asks for, or :class:`~golem_dask.errors.ProposalRejected` saying why not."""
     if offer is None:
@@ -86,6 +119,8 @@ def check_demand(settings: ProviderSettings, offer: Offer | None, demand: Propos
         wanted = Resources.from_properties(props)
     except (KeyError, ValueError, ArithmeticError) as e:
         raise ProposalRejected(f"demand does not say what slice it wants: {e}") from e
-    if wanted.cpu_threads < 1 or not wanted.fits_in(free):
+    if wanted.cpu_threads < 1 or wanted.memory_bytes <= 0 or wanted.storage_bytes < 0:
+        raise ProposalRejected(f"demand wants {wanted}: threads and memory must be positive, storage not negative")
+    if not wanted.fits_in(free):
         raise ProposalRejected(f"only {free} free, demand wants {wanted}")
     return wanted
