@@ -26,6 +26,7 @@ from golem_dask.market.base import Market
 from golem_dask.market.negotiation import Deal, Negotiator
 from golem_dask.payment.accountant import Accountant
 from golem_dask.protocol.messages import ActivityState, ExeCommand
+from golem_dask.protocol.sealing import activity_aad, provider_key, seal_commands
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +150,27 @@ class Rental:
         # Only a worker that got to run is owed anything.
         self.parts.accountant.activity_started(self.deal.agreement.id)
 
+    def _sealed(self, script: Sequence[ExeCommand]) -> list[ExeCommand]:
+        """``script`` with every transfer's arguments sealed to the provider: URLs may carry
+        tokens, options credentials, and the TLS transfers a private key."""
+        assert self.deal is not None and self.activity_id is not None
+        agreement = self.deal.agreement
+        if not any(c.command == "transfer" for c in script):
+            return list(script)
+        key = provider_key(agreement)
+        aad = activity_aad(agreement.id, self.activity_id)
+        return seal_commands(list(script), key, aad)
+
+    async def _collect(self) -> list[str]:
+        assert self.activity_id is not None
+        return await self.parts.market.exec(self.activity_id, self._sealed(self.parts.collect),
+                                            self.parts.close_timeout_s)
+
     async def _exec(self, script: Sequence[ExeCommand]) -> None:
         p = self.parts
         assert self.activity_id is not None
-        for command, line in zip(script, await p.market.exec(self.activity_id, script, p.start_timeout_s)):
+        sealed = self._sealed(script)
+        for command, line in zip(script, await p.market.exec(self.activity_id, sealed, p.start_timeout_s)):
             p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name)
 
     async def _follow(self, activity_id: str) -> None:
@@ -185,7 +203,7 @@ class Rental:
         agreement_id = self.deal.agreement.id if self.deal else None
         if self.activity_id is not None and self.ready and p.collect:
             # Outputs leave the sandbox before the sandbox goes.
-            outputs = await _attempt(p.market.exec(self.activity_id, p.collect, p.close_timeout_s),
+            outputs = await _attempt(self._collect(),
                                      f"collecting outputs of {self.name}")
             if outputs is None:
                 p.events.emit("warning", f"outputs of {self.name} could not be collected; see the log")

@@ -29,7 +29,7 @@ from golem_dask.errors import ConfigError, ProtocolError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Wallet", "checksum_address", "keccak256", "recover_address", "signer_of"]
+__all__ = ["Wallet", "address_of", "checksum_address", "keccak256", "recover_address", "signer_of"]
 
 #: Order of the secp256k1 group; a private key must lie in ``[1, N - 1]``.
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -153,6 +153,23 @@ def signer_of(digest: bytes, signature: bytes) -> str:
         raise ProtocolError("bad signature: no public key recovers from it") from None
 
 
+def address_of(public_key: bytes) -> str:
+    """The checksummed address a secp256k1 public key (33 or 65 bytes) belongs to.
+
+    Raises
+    ------
+    ProtocolError
+        If the bytes are not a public key.
+    """
+    import coincurve
+
+    try:
+        point = coincurve.PublicKey(bytes(public_key)).format(compressed=False)
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"not a secp256k1 public key: {e}") from None
+    return checksum_address(keccak256(point[1:])[12:])
+
+
 def checksum_address(address: bytes | str) -> str:
     """The EIP-55 spelling of a 20-byte address, or of ``0x`` + 40 hex digits in any case.
 
@@ -238,13 +255,14 @@ class Wallet:
 
     # __slots__ rather than __dict__ keeps the key out of vars(wallet), which generic
     # serialisers and debuggers' "show object" views walk.
-    __slots__ = ("__key", "_address")
+    __slots__ = ("__key", "_address", "_openers")
 
     def __init__(self, _key: bytes, /) -> None:
         from eth_keys import keys  # lazy: ~0.4 s import
 
         self.__key = _key
         self._address: str = keys.PrivateKey(_key).public_key.to_checksum_address()
+        self._openers: dict[bytes, Any] = {}  # recent senders' ephemeral keys -> their opener
 
     # --- construction -------------------------------------------------------------
 
@@ -437,6 +455,28 @@ class Wallet:
         signature = keys.PrivateKey(self.__key).sign_msg_hash(bytes(message_hash))
         r, s, v = signature.r, signature.s, signature.v
         return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
+
+    @property
+    def public_key(self) -> bytes:
+        """The 33-byte compressed public key (not secret: it hashes to :attr:`address`)."""
+        import coincurve
+
+        return bytes(coincurve.PrivateKey(self.__key).public_key.format(compressed=True))
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        """Open a secret sealed to this wallet (:mod:`~golem_dask.protocol.sealing`).
+
+        The key exchange of the last few senders' ephemeral keys is kept, so a script's
+        several secrets cost one exchange.
+        """
+        from golem_dask.protocol.sealing import opener, split
+
+        ephemeral, nonce, ciphertext = split(blob)
+        opened = self._openers.pop(ephemeral, None) or opener(self.__key, ephemeral)
+        self._openers[ephemeral] = opened
+        while len(self._openers) > 16:
+            del self._openers[next(iter(self._openers))]
+        return opened(nonce, ciphertext, aad)
 
     # --- leak prevention ----------------------------------------------------------
 

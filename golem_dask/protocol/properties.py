@@ -16,6 +16,8 @@ from typing import Any
 
 # Node and resources.
 NODE_NAME = "golem.node.id.name"
+#: The provider's secp256k1 public key (hex, compressed); it hashes to its address.
+NODE_PUBKEY = "golem.node.id.pubkey"
 CPU_THREADS = "golem.inf.cpu.threads"
 MEM_GIB = "golem.inf.mem.gib"
 STORAGE_GIB = "golem.inf.storage.gib"

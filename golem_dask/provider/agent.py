@@ -129,7 +129,7 @@ class ProviderAgent:
 
     def _make_offer(self, free: Resources) -> Offer:
         runtime = {P.RUNTIME_NAME: self.runtime.name, **self.runtime.properties()}
-        return make_offer(self.settings, runtime, free, self.id)
+        return make_offer(self.settings, runtime, free, self.id, self.wallet.public_key)
 
     async def _republish(self) -> None:
         """Offer exactly what is free now (or nothing)."""
@@ -236,7 +236,7 @@ class ProviderAgent:
             self._agreement_ids.add(agreement.id)
             approved = terms.sign(_replace_agreement(agreement, state=AgreementState.APPROVED,
                                                      approved_at_ms=now_ms()), self.wallet)
-            deal = Deal(approved, wanted, self._send, self.settings.debit_note_interval_s)
+            deal = Deal(approved, wanted, self._send, self.settings.debit_note_interval_s, self.wallet.unseal)
             self._deals[agreement.id] = deal
             deal.spawn(self._expire(deal))
             await self._republish()

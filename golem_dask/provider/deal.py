@@ -17,6 +17,7 @@ from typing import Any
 from golem_dask.errors import ActivityError
 from golem_dask.protocol.messages import Activity, ActivityState, Agreement, DebitNote, ExeCommand, Invoice
 from golem_dask.protocol.pricing import LinearPricing
+from golem_dask.protocol.sealing import activity_aad, open_command
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.metering import UsageMeter
 from golem_dask.provider.runtime.base import RuntimeActivity
@@ -39,9 +40,12 @@ class Deal:
         Delivers an activity state or a debit note to the requestor.
     debit_note_interval_s:
         How often a running activity's usage is billed.
+    unseal:
+        Opens what the requestor sealed to the provider (its wallet's ``unseal``).
     """
 
-    def __init__(self, agreement: Agreement, resources: Resources, send: Send, debit_note_interval_s: float) -> None:
+    def __init__(self, agreement: Agreement, resources: Resources, send: Send, debit_note_interval_s: float,
+                 unseal: Callable[[bytes, bytes], bytes]) -> None:
         self.agreement = agreement
         self.resources = resources
         self.activity: RuntimeActivity | None = None
@@ -51,6 +55,7 @@ class Deal:
         self.invoice: Invoice | None = None
         self._send = send
         self._interval_s = debit_note_interval_s
+        self._unseal = unseal
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -106,8 +111,9 @@ class Deal:
             self.spawn(self._debit_notes())
             await self.state(ActivityState.RUNNING)
         elif cmd.command == "transfer":
-            options = cmd.args.get("options")
-            output = await act.transfer(cmd.args["from"], cmd.args["to"], dict(options) if options else None)
+            args = open_command(cmd.args, self._unseal, activity_aad(self.agreement.id, act.activity_id))
+            options = args.get("options")
+            output = await act.transfer(args["from"], args["to"], dict(options) if options else None)
         else:  # "terminate": ExeCommand admits no other
             await self.stop(ActivityState.TERMINATED, "exe-script terminate")
             output = "terminated"

@@ -51,11 +51,13 @@ def offer_constraints(platform: str) -> str:
 
 
 def make_offer(settings: ProviderSettings, runtime_properties: dict[str, Any], free: Resources,
-               provider_id: str) -> Offer:
+               provider_id: str, public_key: bytes) -> Offer:
     """The offer of ``free`` capacity at the settings' prices (``runtime_properties``:
-    ``golem.runtime.name`` and what the runtime adds)."""
+    ``golem.runtime.name`` and what the runtime adds); ``public_key`` is what requestors
+    seal secrets to."""
     props: dict[str, Any] = {
         P.NODE_NAME: settings.name,
+        P.NODE_PUBKEY: "0x" + public_key.hex(),
         **free.to_properties(),
         **runtime_properties,
         **settings.pricing.to_properties(),
