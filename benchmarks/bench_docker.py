@@ -18,14 +18,18 @@ warm-up rounds; figures are medians of the repeats):
    until all N are registered; the floor is measured over plain TCP and over TLS
    (``Security.temporary()``, certificate files mounted into the containers).  Closing
    and container removal are not counted.
-2. Transfer: a file copied local -> local with ``golem_dask.transfer.copy`` and with
+2. Transfer: a file copied local -> local with ``golem_dask.transfer.copy``, into an
+   activity's sandbox the way a provider's ``transfer`` command does
+   (``golem_dask.provider.runtime.sandbox.copy_into``: the destination created by
+   descriptor without following links, the copy handed ``/proc/self/fd/N``), and with
    ``cp`` (a subprocess), alternating, from the same source file; the destination is
    deleted after every run.  Also the extra resident memory of this process during
    ``copy`` (peak minus the RSS before it).
 
 Targets: start-up GolemCluster (default, TLS) / bare-container floor (TCP) <= 1.10 for
-every N; ``copy`` throughput / ``cp`` throughput >= 0.8; peak extra RSS during ``copy``
-< 64 MiB.  The process exits with status 1 if a target fails.
+every N; ``copy`` throughput / ``cp`` throughput >= 0.8, and the same for the sandbox
+copy; peak extra RSS during ``copy`` < 64 MiB.  The process exits with status 1 if a
+target fails.
 
 Every bare container carries the label ``golem-dask-bench.pid=<this pid>`` and is removed
 after its round; on exit (also after Ctrl-C or SIGTERM) every container this process
@@ -434,6 +438,8 @@ def _cp_command() -> list[str]:
 
 
 def bench_transfer(repeats: int, size_mb: int, directory: str | None) -> dict[str, Any]:
+    from golem_dask.provider.runtime.policy import TransferPolicy
+    from golem_dask.provider.runtime.sandbox import copy_into
     from golem_dask.transfer import copy
 
     nbytes = size_mb * MB
@@ -454,15 +460,25 @@ def bench_transfer(repeats: int, size_mb: int, directory: str | None) -> dict[st
         def run_cp() -> None:
             subprocess.run([*cp, str(src), str(dst)], check=True)
 
-        methods: dict[str, Callable[[], None]] = {"copy": run_copy, "cp": run_cp}
+        sandbox = work / "sandbox"
+        (sandbox / "input").mkdir(parents=True)
+        trusting = TransferPolicy.trusting()
+
+        def run_sandbox() -> None:
+            result = copy_into(sandbox, f"file://{src}", "/golem/input/destination.bin", None, trusting)
+            if result.nbytes != nbytes:
+                raise RuntimeError(f"sandbox copy moved {result.nbytes} bytes, expected {nbytes}")
+
+        methods: dict[str, Callable[[], None]] = {"copy": run_copy, "sandbox": run_sandbox, "cp": run_cp}
+        landed = {"copy": dst, "cp": dst, "sandbox": sandbox / "input" / "destination.bin"}
 
         def once(kind: str) -> float:
             gc.collect()
             t = time.perf_counter()
             methods[kind]()
             elapsed = time.perf_counter() - t
-            size = dst.stat().st_size
-            dst.unlink()  # dirty pages of a deleted file are dropped, not written back
+            size = landed[kind].stat().st_size
+            landed[kind].unlink()  # dirty pages of a deleted file are dropped, not written back
             os.sync()
             if size != nbytes:
                 raise RuntimeError(f"{kind}: destination has {size} bytes, expected {nbytes}")
@@ -519,6 +535,8 @@ def bench_transfer(repeats: int, size_mb: int, directory: str | None) -> dict[st
         "mb_per_s": {k: nbytes / MB / v for k, v in m.items()},
         "ratio_copy_cp": m["cp"] / m["copy"],  # throughput ratio
         "paired_ratio_copy_cp": paired_median(samples["cp"], samples["copy"]),
+        "ratio_sandbox_cp": m["cp"] / m["sandbox"],
+        "paired_ratio_sandbox_cp": paired_median(samples["cp"], samples["sandbox"]),
         "memory_runs": memory_runs,
         "peak_extra_rss_bytes": extra,
         "tracemalloc_peak_bytes": traced_peak,
@@ -561,9 +579,12 @@ def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repe
         log(f"2. transfer of a {transfer['size_bytes'] / MB:.0f} MB file, local -> local "
             f"(cp = {' '.join(transfer['cp_command'])})")
         log(f"   {'method':<26}  {'seconds':>18}  {'MB/s':>7}")
-        for k, what in (("copy", "golem_dask.transfer.copy"), ("cp", "cp (subprocess)")):
+        for k, what in (("copy", "golem_dask.transfer.copy"), ("sandbox", "into a sandbox (copy_into)"),
+                        ("cp", "cp (subprocess)")):
             log(f"   {what:<26}  {f'{m[k]:6.3f} [{spread(s[k])}]':>18}  {rate[k]:>7.0f}")
         log(f"   throughput copy/cp: {transfer['ratio_copy_cp']:.3f} (paired {transfer['paired_ratio_copy_cp']:.3f})")
+        log(f"   throughput sandbox/cp: {transfer['ratio_sandbox_cp']:.3f} "
+            f"(paired {transfer['paired_ratio_sandbox_cp']:.3f})")
         runs = transfer["memory_runs"]
         log("   extra RSS during copy, per run (sampled / VmHWM): "
             + ", ".join(f"{r['sampled_extra_bytes'] / MIB:.1f}/{r['hwm_extra_bytes'] / MIB:.1f}" for r in runs)
@@ -572,6 +593,11 @@ def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repe
             "name": f"transfer: copy throughput / cp throughput >= {TRANSFER_TARGET:.2f}",
             "value": transfer["ratio_copy_cp"],
             "pass": transfer["ratio_copy_cp"] >= TRANSFER_TARGET,
+        })
+        targets.append({
+            "name": f"transfer: sandbox copy throughput / cp throughput >= {TRANSFER_TARGET:.2f}",
+            "value": transfer["ratio_sandbox_cp"],
+            "pass": transfer["ratio_sandbox_cp"] >= TRANSFER_TARGET,
         })
         peak_mib = transfer["peak_extra_rss_bytes"] / MIB
         targets.append({
@@ -635,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             startup = bench_startup(ns, repeats, warmup_ns, _CONTAINERS, image, not args.no_tls_floor)
         if not args.skip_transfer:
             log()
-            log(f"transfer: golem_dask.transfer.copy vs cp, {args.size_mb} MB, {transfer_repeats} repeats")
+            log(f"transfer: golem_dask.transfer.copy and the sandbox copy vs cp, {args.size_mb} MB, "
+                f"{transfer_repeats} repeats")
             transfer = bench_transfer(transfer_repeats, args.size_mb, args.tmpdir)
     finally:
         if _CONTAINERS is not None:

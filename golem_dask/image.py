@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +62,30 @@ def default_tag() -> str:
     return f"golem-dask-worker:py{v['python']}-dask{v['dask']}"
 
 
-def mismatches(image_versions: dict[str, str], wanted: dict[str, str] | None = None) -> list[str]:
-    """What differs between an image's label and this client, e.g. ``dask 2024.1.0 != 2026.8.0``."""
+def mismatches(image_versions: Mapping[str, str], wanted: Mapping[str, str] | None = None, *,
+               where: str = "here", what: str = "the image") -> list[str]:
+    """What differs between an image's label and this client (or ``wanted``).
+
+    ``what`` names the image's side and ``where`` the wanted side in the messages.
+
+    Examples
+    --------
+    >>> mismatches({"python": "3.11", "dask": "2024.1.0"}, {"python": "3.11", "dask": "2026.8.0"},
+    ...            where="for the requestor")
+    ['dask 2024.1.0 in the image != 2026.8.0 for the requestor']
+    """
     wanted = wanted or client_versions()
     return [
-        f"{name} {image_versions.get(name, 'unknown')} in the image != {version} here"
+        f"{name} {image_versions.get(name, 'unknown')} in {what} != {version} {where}"
         for name, version in wanted.items()
         if image_versions.get(name) != version
     ]
 
 
-def check_image(image: Any) -> None:
-    """Refuse an image whose label says it runs other versions than this client.
+def image_versions(image: Any) -> dict[str, str]:
+    """The versions an image's :data:`VERSIONS_LABEL` names (``image``: a docker SDK image).
 
-    ``image`` is a docker SDK image object.  Raises ConfigError naming the versions.
+    Raises ConfigError if the label is missing or malformed.
     """
     raw = (image.labels or {}).get(VERSIONS_LABEL)
     tag = (image.tags or [image.short_id])[0]
@@ -88,7 +98,18 @@ def check_image(image: Any) -> None:
         versions = json.loads(raw)
     except ValueError as e:
         raise ConfigError(f"image {tag} has a malformed {VERSIONS_LABEL} label: {raw!r}") from e
-    wrong = mismatches(versions)
+    if not isinstance(versions, dict):
+        raise ConfigError(f"image {tag} has a malformed {VERSIONS_LABEL} label: {raw!r}")
+    return {str(k): str(v) for k, v in versions.items()}
+
+
+def check_image(image: Any) -> None:
+    """Refuse an image whose label says it runs other versions than this client.
+
+    ``image`` is a docker SDK image object.  Raises ConfigError naming the versions.
+    """
+    tag = (image.tags or [image.short_id])[0]
+    wrong = mismatches(image_versions(image))
     if wrong:
         raise ConfigError(
             f"image {tag} does not match this client: {'; '.join(wrong)}. "

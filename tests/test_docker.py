@@ -275,12 +275,12 @@ def test_embedded_default_picks_docker_when_the_engine_answers(docker_client):
 # -- the activity lifecycle on the engine, without a cluster ----------------------------
 
 
-def _activity(runtime: DockerRuntime, image: str | None = None):
+def _activity(runtime: DockerRuntime, image: str | None = None, **kwargs):
     from golem_dask.protocol.properties import Resources
     from golem_dask.protocol.messages import new_id
 
     resources = Resources(cpu_threads=1, memory_bytes=2**30, storage_bytes=2**30)
-    return runtime.activity(new_id(), "agreement-under-test", resources, image)
+    return runtime.activity(new_id(), "agreement-under-test", resources, image, **kwargs)
 
 
 def _build(tmp_path: Path, tag: str, dockerfile: str) -> str:
@@ -366,4 +366,127 @@ def test_image_that_cannot_run_the_entry_script_fails_clearly(docker_client, tmp
     finally:
         for tag in (no_python, no_dask):
             docker_client.images.remove(tag, force=True)
+    assert our_containers(docker_client) == []
+
+
+# -- hardening: what a stranger's worker may do in its container ------------------------
+
+
+def _inspect_hardening(container) -> None:
+    container.reload()
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert config["User"] == "65534:65534"
+    assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["PidsLimit"] == 1024
+    assert host["Memory"] > 0 and host["MemorySwap"] == host["Memory"]
+    assert not host.get("Privileged")
+    status = container.exec_run(["cat", "/proc/1/status"]).output.decode()
+    assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
+    assert container.exec_run(["id", "-u"]).output.decode().strip() == "65534"
+    # Its own directories are writable; the provider's control directory is not, nor can it be moved.
+    assert container.exec_run(["sh", "-c", "echo x > /golem/output/probe"]).exit_code == 0
+    assert container.exec_run(["sh", "-c", "echo x > /golem/.golem/order2"]).exit_code != 0
+    assert container.exec_run(["mv", "/golem/.golem", "/golem/moved"]).exit_code != 0
+
+
+def test_every_container_is_hardened_and_its_worker_still_computes(docker_client):
+    """Non-root user, no capabilities, no-new-privileges, a pids limit, memory without
+    swap, on the bridge network that `golem-dask provider` uses by default; a dask
+    computation still runs on it."""
+    with dask.config.set({"golem.provider.docker-network": "bridge"}):
+        with GolemCluster(n_workers=1, runtime="docker", budget="1") as cluster:
+            (container,) = our_containers(docker_client)
+            _inspect_hardening(container)
+            assert container.attrs["HostConfig"]["NetworkMode"] == "bridge"
+            with Client(cluster) as client:
+                x = np.arange(100_000, dtype="f8")
+                import dask.array as da
+
+                assert float(da.from_array(x, chunks=10_000).sum().compute()) == float(x.sum())
+    assert [e.status for e in cluster.bill().entries] == ["paid"]
+
+
+def test_links_a_worker_makes_in_its_container_are_never_followed(docker_client, tmp_path):
+    """The worker, in its container, links /golem/output/leak to a host file and
+    /golem/input/conf to a host directory (paths it cannot see, but the provider would
+    follow on the host): outputs skip or refuse the links, inputs refuse to write through."""
+    import asyncio
+
+    host = tmp_path / "host"
+    (host / "etc").mkdir(parents=True)
+    (host / "secret.txt").write_bytes(b"provider's private bytes\n")
+    out = tmp_path / "collected"
+    source = tmp_path / "data.csv"
+    source.write_text("a,b\n1,2\n")
+    (agent,) = embedded_agents("erc20-devnet-glm", [PROVIDER], runtime="docker")
+
+    async def main() -> None:
+        activity = _activity(agent.runtime)
+        await activity.start()
+        try:
+            (container,) = our_containers(docker_client)
+            made = container.exec_run(["sh", "-c", f"echo result > /golem/output/result.txt && "
+                                       f"ln -s {host}/secret.txt /golem/output/leak && "
+                                       f"ln -s {host} /golem/output/hostdir && ln -s {host}/etc /golem/input/conf"])
+            assert made.exit_code == 0, made.output
+            line = await activity.transfer("/golem/output/", f"file://{out}/")
+            assert "1 files" in line and "skipped 2 symlinks" in line
+            with pytest.raises(ActivityError, match="symlink"):
+                await activity.transfer("/golem/output/leak", f"file://{out}/leak")
+            with pytest.raises(ActivityError, match="symlink"):
+                await activity.transfer(f"file://{source}", "/golem/input/conf/passwd")
+        finally:
+            await activity.terminate()
+
+    asyncio.run(main())
+    assert sorted(p.name for p in out.iterdir()) == ["result.txt"]
+    assert (out / "result.txt").read_text() == "result\n"
+    assert list((host / "etc").iterdir()) == []
+
+
+def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path):
+    from net_support import free_port
+
+    env = {**__import__("os").environ, "GOLEM_DASK_PROVIDER_KEY": "0x" + "cd" * 32,
+           "DASK_GOLEM__PROVIDER__DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "golem_dask.cli", "provider", "--hub",
+                             f"tcp://127.0.0.1:{free_port()}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "docker network" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(lines)
+    assert "runtime docker; transfers: az, data, gs, http, https, s3; local files refused; private, loopback " \
+           "and link-local addresses refused" in text
+    assert "non-root user with every capability dropped" in text and "docker network 'bridge'" in text
+
+
+def test_deploy_refuses_an_image_of_other_versions_than_the_requestors(docker_client):
+    """The requestor's demand names its Python, dask and distributed; the image's label must match."""
+    import asyncio
+
+    from golem_dask.image import client_versions
+
+    runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
+    old = {"python": "3.11", "dask": "2020.12.0", "distributed": "2020.12.1"}
+
+    async def main() -> None:
+        with pytest.raises(ActivityError) as info:
+            await _activity(runtime, versions=old).deploy()
+        message = str(info.value)
+        here = client_versions()
+        assert f"dask {here['dask']} in the image != 2020.12.0 for the requestor" in message
+        assert f"distributed {here['distributed']} in the image != 2020.12.1" in message
+        assert "golem-dask image build" in message
+        assert "image" in await _activity(runtime, versions=client_versions()).deploy()
+
+    asyncio.run(main())
     assert our_containers(docker_client) == []

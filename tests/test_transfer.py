@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from golem_dask.errors import ActivityError
-from golem_dask.provider.runtime.base import sandbox_path, transfer_into_sandbox
+from golem_dask.provider.runtime.base import TransferPolicy, sandbox_path, transfer_into_sandbox
 from golem_dask import transfer
 from golem_dask.transfer import TransferError, copy, display_url
 
@@ -129,14 +129,17 @@ def test_sandbox_refuses_paths_outside_it(tmp_path: Path, path: str) -> None:
 
 
 def test_transfer_into_and_out_of_the_sandbox(tmp_path: Path) -> None:
+    """The embedded market's providers (this machine's own user) may copy local files."""
+    trusting = TransferPolicy.trusting()
     root = tmp_path / "sandbox"
     root.mkdir()
     (tmp_path / "in.csv").write_text("a,b\n1,2\n")
-    line = asyncio.run(transfer_into_sandbox(root, f"file://{tmp_path}/in.csv", "/golem/input/in.csv"))
+    line = asyncio.run(transfer_into_sandbox(root, f"file://{tmp_path}/in.csv", "/golem/input/in.csv",
+                                             policy=trusting))
     assert (root / "input" / "in.csv").read_text() == "a,b\n1,2\n" and "8 bytes" in line
     (root / "output").mkdir()
     (root / "output" / "r.txt").write_text("done")
-    asyncio.run(transfer_into_sandbox(root, "/golem/output/", f"file://{tmp_path}/results/"))
+    asyncio.run(transfer_into_sandbox(root, "/golem/output/", f"file://{tmp_path}/results/", policy=trusting))
     assert (tmp_path / "results" / "r.txt").read_text() == "done"
     with pytest.raises(ActivityError, match="exactly one side"):
         asyncio.run(transfer_into_sandbox(root, "/golem/a", "/golem/b"))

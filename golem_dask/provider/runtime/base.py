@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -25,14 +26,14 @@ from typing import Any
 from golem_dask import config
 from golem_dask.errors import ActivityError
 from golem_dask.protocol.properties import Resources
+from golem_dask.provider.runtime.policy import TransferPolicy
+from golem_dask.provider.runtime.sandbox import CONTROL_DIR, SANDBOX, Owner, copy_into, copy_out_of, open_dir
 from golem_dask.transfer import display_url
 
-#: Where an activity's files live, as the requestor names them (inside a container).
-SANDBOX = "/golem"
+__all__ = ["CONTROL_DIR", "SANDBOX", "Runtime", "RuntimeActivity", "TransferPolicy", "transfer_into_sandbox"]
+
 #: Options the provider sets itself from the agreement; a requestor's values are dropped.
 _ENFORCED = {"--nthreads", "--memory-limit", "--name-prefix"}
-#: In the sandbox, reserved for the provider: the worker's entry script and its order pipe.
-CONTROL_DIR = ".golem"
 
 
 def sandbox_path(root: Path, path: str) -> Path:
@@ -53,22 +54,31 @@ def is_sandbox(path: str) -> bool:
 
 
 async def transfer_into_sandbox(
-    root: Path, source: str, destination: str, options: Mapping[str, Any] | None = None
+    root: Path, source: str, destination: str, options: Mapping[str, Any] | None = None, *,
+    policy: TransferPolicy | None = None, owner: Owner | None = None,
 ) -> str:
-    """Copy between a URL and the sandbox, either way; ``options`` go to the URL's side."""
-    from golem_dask.transfer import copy
+    """Copy between a URL and the sandbox ``root``, either way; ``options`` go to the URL's side.
 
-    if posixpath.normpath(destination).startswith(f"{SANDBOX}/{CONTROL_DIR}"):
-        raise ActivityError(f"{destination!r} is reserved for the provider; write elsewhere under {SANDBOX}/")
+    The URL must pass ``policy`` (default: :meth:`TransferPolicy.strict`, for strangers);
+    the sandbox side never follows links the worker made (see
+    :mod:`golem_dask.provider.runtime.sandbox`).  Files and directories made in the
+    sandbox are given to ``owner`` (uid, gid), the worker's user.  Returns a line for the
+    activity's log, naming what a directory output skipped.
+    """
+    policy = policy if policy is not None else TransferPolicy.strict()
+    skipped: list[str] = []
     if is_sandbox(destination) and not is_sandbox(source):
-        target = str(sandbox_path(root, destination)) + ("/" if destination.endswith("/") else "")
-        result = await asyncio.to_thread(copy, source, target, source_options=options)
+        result = await asyncio.to_thread(copy_into, root, source, destination, options, policy, owner)
     elif is_sandbox(source) and not is_sandbox(destination):
-        origin = str(sandbox_path(root, source))
-        result = await asyncio.to_thread(copy, origin, destination, destination_options=options)
+        result, skipped = await asyncio.to_thread(copy_out_of, root, source, destination, options, policy)
     else:
-        raise ActivityError(f"a transfer needs exactly one side in {SANDBOX}/: {source} -> {destination}")
-    return f"{result.nbytes} bytes in {result.files} files: {display_url(source)} -> {display_url(destination)}"
+        raise ActivityError(f"a transfer needs exactly one side in {SANDBOX}/: {display_url(source)} -> "
+                            f"{display_url(destination)}")
+    line = f"{result.nbytes} bytes in {result.files} files: {display_url(source)} -> {display_url(destination)}"
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        line += f"; skipped {len(skipped)} symlinks or special files (never followed): {shown}"
+    return line
 
 
 def worker_environ(threads: int) -> dict[str, str]:
@@ -84,6 +94,17 @@ def worker_environ(threads: int) -> dict[str, str]:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         environ[name] = str(threads)
     return environ
+
+
+def requested_versions(versions: Mapping[str, str]) -> dict[str, str]:
+    """The Python, dask and distributed versions a requestor asked for, cut short for messages.
+
+    Examples
+    --------
+    >>> requested_versions({"python": "3.11", "dask": "2026.8.0", "x": "y"})
+    {'python': '3.11', 'dask': '2026.8.0'}
+    """
+    return {k: str(versions[k])[:40] for k in ("python", "dask", "distributed") if k in versions}
 
 
 def worker_arguments(
@@ -116,17 +137,22 @@ def worker_arguments(
     return [*kept, "--nthreads", str(threads), "--memory-limit", str(memory_bytes)]
 
 
-def make_control_dir(root: Path) -> tuple[Path, Path]:
+def make_control_dir(root: Path, owner: Owner | None = None) -> tuple[Path, Path]:
     """The worker's entry script and an empty order pipe, in ``root/.golem``.
 
     Returns the paths of both on this machine.  ``worker_entry.py`` is copied, not
-    imported: it runs with the worker's Python (an image's, without golem-dask).
+    imported: it runs with the worker's Python (an image's, without golem-dask).  The
+    directory and the script stay the provider's (the worker reads them); the pipe is
+    given to ``owner`` (uid, gid), the worker's user, which opens it.
     """
     control = root / CONTROL_DIR
-    control.mkdir()
+    control.mkdir(mode=0o755)
     script, pipe = control / "entry.py", control / "order"
     shutil.copyfile(Path(__file__).with_name("worker_entry.py"), script)
+    os.chmod(script, 0o644)
     os.mkfifo(pipe, 0o600)
+    if owner is not None:
+        os.chown(pipe, *owner)
     return script, pipe
 
 
@@ -160,21 +186,28 @@ def send_order(pipe: Path, payload: bytes, exited: Callable[[], bool], failure: 
     """
     deadline = time.monotonic() + config.seconds("provider.order-timeout")
     next_check = time.monotonic() + 0.1
-    while True:
-        try:
-            # Non-blocking: fails with ENXIO while nobody has the pipe open for reading.
-            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise ActivityError(f"cannot send the run command to the worker's process: {e}") from e
-        now = time.monotonic()
-        if now >= next_check:
-            next_check = now + 0.1
-            if exited() or now >= deadline:
-                raise ActivityError(failure())
-        time.sleep(0.002)
+    # Opened from the sandbox root, never through a symlink: the sandbox is the worker's too.
+    control = open_dir(pipe.parent.parent, [pipe.parent.name], f"{SANDBOX}/{CONTROL_DIR}")
     try:
+        while True:
+            try:
+                # Non-blocking: fails with ENXIO while nobody has the pipe open for reading.
+                fd = os.open(pipe.name, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=control)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise ActivityError(f"cannot send the run command to the worker's process: {e}") from e
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.1
+                if exited() or now >= deadline:
+                    raise ActivityError(failure())
+            time.sleep(0.002)
+    finally:
+        os.close(control)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ActivityError(f"{SANDBOX}/{CONTROL_DIR}/{pipe.name} is no longer the order pipe")
         os.set_blocking(fd, True)
         view = memoryview(payload)
         while view:
@@ -257,9 +290,15 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def activity(
-        self, activity_id: str, agreement_id: str, resources: Resources, image: str | None = None
+        self, activity_id: str, agreement_id: str, resources: Resources, image: str | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> RuntimeActivity:
-        """A new, not yet deployed activity sandbox (``image``: what the demand asked for)."""
+        """A new, not yet deployed activity sandbox.
+
+        ``image``: what the demand asked for; ``versions``: the Python, dask and
+        distributed versions the requestor runs (``golem.srv.comp.dask.versions``), which
+        the worker must match (``deploy`` refuses otherwise); None: not checked.
+        """
 
     async def cleanup(self, live_agreement_ids: set[str]) -> int:
         """Remove sandboxes left by agreements that are no longer live; returns how many."""

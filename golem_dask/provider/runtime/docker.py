@@ -12,6 +12,13 @@ imports ``distributed``, so most of a worker's start-up overlaps the requestor's
 (scheduler, input files); ``run`` hands it the worker's arguments through a pipe in the
 sandbox.
 
+Every container is hardened, whoever rents it: it runs as a non-root user
+(``golem.provider.docker-user``, 65534:65534 by default; a provider that is not root runs
+it as its own user), with every capability dropped, ``no-new-privileges``, a pids limit
+(``golem.provider.pids-limit``) and the agreed memory as a hard limit without swap.  The
+sandbox directory belongs to the provider (the worker cannot rename ``/golem/.golem``);
+``input``, ``output`` and ``tls`` belong to the worker's user.
+
 CPU time comes from the engine's accounting of the container.  Containers carry labels,
 so a provider that starts up removes those left behind by a provider process that died.
 """
@@ -39,7 +46,9 @@ from golem_dask.provider.runtime.base import (
     SANDBOX,
     Runtime,
     RuntimeActivity,
+    TransferPolicy,
     make_control_dir,
+    requested_versions,
     transfer_into_sandbox,
     worker_environ,
 )
@@ -52,6 +61,32 @@ LABEL_ACTIVITY = "golem-dask.activity"
 LABEL_PROVIDER = "golem-dask.provider"
 LABEL_AGENT_PID = "golem-dask.agent-pid"
 LABEL_VERSIONS = "golem-dask.versions"
+#: Subdirectories of the sandbox that belong to the worker's user.
+WORKER_DIRS = ("input", "output", "tls")
+
+
+def container_user(spec: str | None = None) -> tuple[int, int]:
+    """The uid and gid containers run as: ``golem.provider.docker-user`` (``"uid:gid"``).
+
+    A provider that is not root cannot give the sandbox to another user, so its
+    containers run as its own (non-root) uid and gid instead.
+
+    Examples
+    --------
+    >>> import os
+    >>> container_user("1000:1000") == ((1000, 1000) if os.geteuid() == 0 else (os.geteuid(), os.getegid()))
+    True
+    """
+    spec = str(config.get("provider.docker-user", spec))
+    try:
+        uid, gid = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ConfigError(f"golem.provider.docker-user={spec!r}: use numeric 'uid:gid', e.g. '65534:65534'") from None
+    if uid == 0 or gid == 0:
+        raise ConfigError(f"golem.provider.docker-user={spec!r}: containers never run as root; use e.g. '65534:65534'")
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    return uid, gid
 
 
 def _docker() -> Any:
@@ -84,11 +119,13 @@ class DockerActivity(RuntimeActivity):
     """One activity: a sandbox directory and, from ``start``, a container."""
 
     def __init__(
-        self, runtime: DockerRuntime, activity_id: str, agreement_id: str, resources: Resources, image: str
+        self, runtime: DockerRuntime, activity_id: str, agreement_id: str, resources: Resources, image: str,
+        versions: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(activity_id, agreement_id, resources)
         self.runtime = runtime
         self.image = image
+        self.versions = versions
         self.root: Path | None = None
         self.container: Any = None
         self._cpu = Decimal(0)
@@ -100,21 +137,48 @@ class DockerActivity(RuntimeActivity):
 
     async def deploy(self) -> str:
         image = await self.runtime.check_image(self.image)
+        if self.versions is not None:
+            self._check_versions(image)
         return f"image {self.image} ({image.short_id})"
+
+    def _check_versions(self, image: Any) -> None:
+        """Refuse an image whose ``golem-dask.versions`` label is not what the requestor runs."""
+        from golem_dask.image import image_versions, mismatches
+
+        wanted = requested_versions(self.versions or {})
+        if not wanted:  # nothing named that an image could match or miss
+            return
+        try:
+            wrong = mismatches(image_versions(image), wanted, where="for the requestor")
+        except ConfigError as e:
+            wrong = [str(e)]
+        if wrong:
+            shown = ", ".join(f"{k} {v}" for k, v in wanted.items())
+            raise ActivityError(
+                f"image {self.image} does not match the requestor's versions ({shown}): {'; '.join(wrong)}. "
+                f"The provider can build a matching image with 'golem-dask image build' in an environment "
+                f"with those versions"
+            )
 
     async def start(self) -> str:
         """Sandbox, then the container: it imports dask while the files come in."""
         root = self.root = Path(tempfile.mkdtemp(prefix=f"golem-{self.activity_id[:8]}-", dir=self.runtime.root))
-        for sub in ("input", "output", "tls"):
-            (root / sub).mkdir()
-        self._pipe = make_control_dir(root)[1]
+        owner = self.runtime.sandbox_owner
+        if owner is not None:
+            os.chmod(root, 0o711)  # the worker's user passes through to its own directories, lists nothing
+        for sub in WORKER_DIRS:
+            (root / sub).mkdir(mode=0o700)
+            if owner is not None:
+                os.chown(root / sub, *owner)
+        self._pipe = make_control_dir(root, owner)[1]
         container = await asyncio.to_thread(self._create)
         return f"container {container.short_id} with sandbox {root} mounted at {SANDBOX}"
 
     async def transfer(self, source: str, destination: str, options: Mapping[str, Any] | None = None) -> str:
         if self.root is None:
             raise ActivityError("transfer before start: the exe-script must start the activity first")
-        return await transfer_into_sandbox(self.root, source, destination, options)
+        return await transfer_into_sandbox(self.root, source, destination, options, policy=self.runtime.policy,
+                                           owner=self.runtime.sandbox_owner)
 
     async def run(self, entry_point: str, args: Sequence[str], env: Mapping[str, str]) -> str:
         await self._order_run("docker", entry_point, args, env, self.container is not None, self._exited,
@@ -127,7 +191,11 @@ class DockerActivity(RuntimeActivity):
         host_config: dict[str, Any] = dict(
             nano_cpus=int(self.resources.cpu_threads * 1e9),
             mem_limit=int(self.resources.memory_bytes),
+            memswap_limit=int(self.resources.memory_bytes),  # the same: no swap beyond the agreed memory
             binds={str(self.root): {"bind": SANDBOX, "mode": "rw"}},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=rt.pids_limit,
         )
         if rt.network == "host":
             host_config["network_mode"] = "host"
@@ -142,6 +210,7 @@ class DockerActivity(RuntimeActivity):
                     self.image,
                     ["python", f"{SANDBOX}/{CONTROL_DIR}/entry.py", f"{SANDBOX}/{CONTROL_DIR}/order"],
                     name=f"golem-{self.activity_id[:12]}",
+                    user=f"{rt.user[0]}:{rt.user[1]}",
                     labels={
                         LABEL: "1",
                         LABEL_AGREEMENT: self.agreement_id,
@@ -237,23 +306,40 @@ class DockerRuntime(Runtime):
         bridge the worker reaches the host's scheduler as ``host.docker.internal``.
     provider_name:
         Goes into container labels, to find leftovers after a crash.
+    root:
+        Where sandboxes go (default: the system temp dir).
     client:
         An engine connection to use (the runtime closes it in :meth:`close`).
+    policy:
+        What transfers may reach (default: :meth:`TransferPolicy.strict`, for strangers).
+    user:
+        ``"uid:gid"`` containers run as (default ``golem.provider.docker-user``; never root).
+    pids_limit:
+        Processes and threads per container (default ``golem.provider.pids-limit``).
     """
 
     name = "docker"
 
     def __init__(self, image: str, network: str = "host", provider_name: str = "local", root: str | None = None,
-                 client: Any = None) -> None:
+                 client: Any = None, *, policy: TransferPolicy | None = None, user: str | None = None,
+                 pids_limit: int | None = None) -> None:
         self.image = image
         self.network = network
         self.provider_name = provider_name
         self.root = root
+        self.policy = policy if policy is not None else TransferPolicy.strict()
+        self.user = container_user(user)
+        #: Who gets the worker's directories and the files transfers make: the container's
+        #: user, or None where the provider is that user already (it is not root).
+        self.sandbox_owner = self.user if os.geteuid() == 0 else None
+        self.pids_limit = int(config.get("provider.pids-limit", pids_limit))
+        if self.pids_limit < 1:
+            raise ConfigError(f"golem.provider.pids-limit={self.pids_limit}: a container needs at least one process")
         self._client: Any = client  # a connected docker client, or None to connect on first use
         self._images: dict[str, tuple[float, Any]] = {}  # image -> (when checked, record)
 
     def __repr__(self) -> str:
-        return f"<DockerRuntime image={self.image!r} network={self.network!r}>"
+        return f"<DockerRuntime image={self.image!r} network={self.network!r} user={self.user[0]}:{self.user[1]}>"
 
     @property
     def client(self) -> Any:
@@ -307,9 +393,10 @@ class DockerRuntime(Runtime):
         return {"golem.runtime.docker.network": self.network}
 
     def activity(
-        self, activity_id: str, agreement_id: str, resources: Resources, image: str | None = None
+        self, activity_id: str, agreement_id: str, resources: Resources, image: str | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> DockerActivity:
-        return DockerActivity(self, activity_id, agreement_id, resources, image or self.image)
+        return DockerActivity(self, activity_id, agreement_id, resources, image or self.image, versions)
 
     def _cleanup(self, live_agreement_ids: set[str]) -> int:
         import psutil
