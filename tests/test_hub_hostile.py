@@ -8,8 +8,10 @@ After each, well-behaved peers must still be served.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -104,7 +106,8 @@ def test_oversized_length_is_refused_before_reading_the_body() -> None:
 class HubThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        with dask.config.set({"golem.hub.messages-per-second": 200}):
+        self.data_dir = tempfile.mkdtemp(prefix="hub-hostile-")
+        with dask.config.set({"golem.hub.messages-per-second": 200, "golem.hub.data-dir": self.data_dir}):
             self.hub = HubServer("127.0.0.1", 0)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -114,6 +117,11 @@ class HubThread:
         asyncio.run_coroutine_threadsafe(self.hub.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @property
+    def refused(self) -> int:
+        return self.hub.stats["refused"]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +145,38 @@ def read_frames_until_closed(s: socket.socket, limit: float = 5.0) -> bytes:
     except (TimeoutError, socket.timeout, ConnectionResetError):
         pass
     return data
+
+
+def read_until_closed(s: socket.socket, limit: float = 5.0) -> tuple[list[wire.Envelope], bool]:
+    """Every frame the hub sent, and whether it closed the connection within ``limit``."""
+    s.settimeout(limit)
+    data, closed = b"", False
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+        closed = True
+    except ConnectionResetError:
+        closed = True
+    except (TimeoutError, socket.timeout):
+        pass
+    frames = []
+    while len(data) >= 4:
+        end = 4 + int.from_bytes(data[:4], "big")
+        frames.append(wire.unframe(data[:end]))
+        data = data[end:]
+    assert not data, "the hub sent a partial frame"
+    return frames, closed
+
+
+def assert_refused(frames: list[wire.Envelope], closed: bool, reason: str, before: int, hub: HubThread,
+                   welcomed: bool = False) -> None:
+    """The hub said no (an error naming ``reason``), hung up, and counted the refusal."""
+    kinds = [f.kind for f in frames]
+    assert kinds == (["welcome", "error"] if welcomed else ["error"]), kinds
+    assert reason in str(wire.verify(frames[-1])["reason"])
+    assert frames[-1].sender == hub.hub.address
+    assert closed, "the hub kept the connection open"
+    assert hub.refused == before + 1
 
 
 def hello(s: socket.socket, wallet: Wallet, role: str) -> None:
@@ -165,45 +205,58 @@ def assert_hub_serves(hub: HubThread) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_bytes_get_a_disconnect_not_a_crash(hub, data: bytes) -> None:
     TRIED["hub: random bytes"] += 1
+    before = hub.refused
     with connect(hub) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        read_frames_until_closed(s, 2.0)
+        frames, closed = read_until_closed(s, 5.0)
+    # Random bytes are never a signed hello: no welcome, at most an error, a hang-up,
+    # and one more refusal counted (a frame cut short by the end of input included).
+    assert [f.kind for f in frames] in ([], ["error"])
+    assert closed
+    assert hub.refused == before + 1
 
 
 @pytest.mark.parametrize("attack", ["oversized", "forged", "replay", "unknown-kind", "no-hello", "truncated"])
 def test_each_attack_is_refused_and_others_keep_working(hub, attack: str) -> None:
     TRIED["hub: crafted attacks"] += 1
+    before = hub.refused
     with connect(hub) as s:
         if attack == "oversized":
             s.sendall(struct.pack(">I", 64 * 2**20) + b"x" * 1024)
+            assert_refused(*read_until_closed(s), "exceeds the maximum", before, hub)
         elif attack == "forged":
             honest = wire.seal(MALLORY, "hello", {"role": "provider"})
             s.sendall(wire.frame(wire.Envelope(honest.version, honest.kind, ALICE.address, honest.nonce,
                                                honest.timestamp_ms, honest.body, honest.signature)))
+            assert_refused(*read_until_closed(s), "bad signature", before, hub)
+            assert ALICE.address not in hub.hub._peers
         elif attack == "replay":
             first = signed("hello", {"role": "requestor"}, MALLORY)
             s.sendall(first)
             s.sendall(first)
+            assert_refused(*read_until_closed(s), "replayed", before, hub, welcomed=True)
         elif attack == "unknown-kind":
             hello(s, MALLORY, "requestor")
             reply = request(s, "steal-everything", {}, MALLORY)
             assert reply.kind == "error" and "unknown message kind" in str(wire.verify(reply))
+            assert hub.refused == before + 1
             assert request(s, "ping", {}, MALLORY).kind == "pong"  # the sender stays connected
-            return
         elif attack == "no-hello":
             s.sendall(signed("subscribe", {"sub": "x", "demand": None}, MALLORY))
+            assert_refused(*read_until_closed(s), "say hello first", before, hub)
         elif attack == "truncated":
             s.sendall(signed("hello", {"role": "provider"}, MALLORY)[:20])
             s.shutdown(socket.SHUT_WR)
-        data = read_frames_until_closed(s)
-    if data:
-        assert wire.unframe(data[: 4 + int.from_bytes(data[:4], "big")]).kind in ("error", "welcome")
+            frames, closed = read_until_closed(s)
+            assert frames == [] and closed  # no welcome: a hello cut short is no hello
+            assert hub.refused == before + 1
     assert_hub_serves(hub)
 
 
 def test_a_flood_disconnects_only_the_flooder(hub) -> None:
     TRIED["hub: flood"] += 1
+    before = hub.refused
     good = Wallet.generate()
     with connect(hub) as calm:
         hello(calm, good, "requestor")
@@ -216,6 +269,7 @@ def test_a_flood_disconnects_only_the_flooder(hub) -> None:
                 pass
             data = read_frames_until_closed(noisy)
             assert b"too many messages" in data
+        assert hub.refused == before + 1
         assert request(calm, "ping", {}, good).kind == "pong"
 
 
@@ -223,8 +277,10 @@ def test_a_provider_cannot_publish_for_another(hub) -> None:
     with connect(hub) as s:
         hello(s, MALLORY, "provider")
         fake = Offer({"golem.inf.cpu.threads": 64}, "(&)", ALICE.address)
+        before = hub.refused
         reply = request(s, "publish", fake, MALLORY)
         assert reply.kind == "error" and "its own offers" in str(wire.verify(reply))
+        assert hub.refused == before + 1 and fake.id not in hub.hub.book.offers
     assert_hub_serves(hub)
 
 

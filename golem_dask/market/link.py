@@ -2,7 +2,10 @@
 
 Every frame on it is an :class:`~golem_dask.protocol.wire.Envelope` signed with the
 sender's key; :class:`HubLink` says hello, reads and verifies frames (refusing replays),
-hands each to its owner and reconnects, with back-off, when the hub goes away.  This
+hands each to its owner and reconnects, with back-off, when the hub goes away.  Pushes
+that came for it while it was away arrive in a hub-signed ``stored`` notice holding their
+senders' own frames: each is verified and handed over like a live push, once per process,
+and acknowledged so that the hub forgets it.  This
 module also fixes the calls a requestor may make on a provider agent through the hub
 (:data:`PROVIDER_METHODS`) and the errors a reply may carry back (:data:`REMOTE_ERRORS`).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from golem_dask import config
@@ -32,6 +36,23 @@ REMOTE_ERRORS: dict[str, type[GolemDaskError]] = {
     "ActivityError": ActivityError,
     "MarketError": MarketError,
 }
+
+
+# (receiver, sender, nonce) of the stored pushes handed over in this process: the hub
+# delivers a stored push again until it is acknowledged, and a stored push is older than
+# the replay window, so the window cannot refuse the second copy.
+_stored_seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+
+def _first_sight(receiver: str, envelope: wire.Envelope) -> bool:
+    """Remember a stored push; False if it was handed over before in this process."""
+    key = (receiver, envelope.sender, envelope.nonce)
+    if key in _stored_seen:
+        return False
+    _stored_seen[key] = None
+    while len(_stored_seen) > max(10_000, 4 * int(config.get("hub.offline-max-messages"))):
+        _stored_seen.popitem(last=False)
+    return True
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -132,6 +153,9 @@ class HubLink:
                     envelope = await wire.read_frame(reader, self.max_frame)
                     payload = wire.verify(envelope)
                     self.replay.check(envelope)
+                    if envelope.kind == "stored" and envelope.sender == self.hub_address:
+                        await self._stored(payload)
+                        continue
                     try:
                         await self._on_message(envelope, payload)
                     except Exception:
@@ -143,3 +167,27 @@ class HubLink:
                 writer.close()
                 self._writer = None
             await asyncio.sleep(delay)
+
+    async def _stored(self, payload: Any) -> None:
+        """Hand over the pushes the hub kept while we were away, then acknowledge them."""
+        frames = payload.get("frames") if isinstance(payload, dict) else None
+        ids = payload.get("ids") if isinstance(payload, dict) else None
+        for data in frames if isinstance(frames, list) else []:
+            try:
+                envelope = wire.unframe(data, self.max_frame)
+                inner = wire.verify(envelope)  # its sender's signature; not its age
+            except ProtocolError as e:
+                logger.warning("dropping a stored message the hub delivered: %s", e)
+                continue
+            if envelope.kind != "push" or not isinstance(inner, dict) or inner.get("to") != self.wallet.address:
+                logger.warning("dropping a stored %s from %s: not a push to us", envelope.kind, envelope.sender)
+                continue
+            if not _first_sight(self.wallet.address, envelope):
+                continue
+            try:
+                await self._on_message(envelope, inner)
+            except Exception:
+                logger.exception("handling a stored push from %s failed", envelope.sender)
+        if isinstance(ids, list) and ids:
+            with contextlib.suppress(NetworkError):
+                await self.send("stored_ack", {"ids": ids})

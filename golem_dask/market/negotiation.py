@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from golem_dask.errors import (
     ProtocolError,
 )
 from golem_dask.market.base import Market, OfferReceived, OfferWithdrawn
-from golem_dask.market.demand import DemandSpec
+from golem_dask.market.demand import DemandSpec, PriceCaps
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
@@ -68,16 +69,23 @@ def score(
         pricing = LinearPricing.from_properties(proposal.properties)
     except ProtocolError as e:
         return f"unreadable prices: {e}"
-    violations = spec.caps.violations(pricing)
-    if violations:
-        return "; ".join(violations)
-    threads = spec.resources.cpu_threads
-    return Candidate(
-        proposal=proposal,
-        pricing=pricing,
-        expected_cost=pricing.estimate(threads, expected_s, utilisation),
-        worst_case=pricing.worst_case(threads, spec.lifetime_s),
-    )
+    if spec.caps != _NO_CAPS:
+        violations = spec.caps.violations(pricing)
+        if violations:
+            return "; ".join(violations)
+    expected_cost, worst_case = _costs(pricing, spec.resources.cpu_threads, expected_s, utilisation, spec.lifetime_s)
+    return Candidate(proposal=proposal, pricing=pricing, expected_cost=expected_cost, worst_case=worst_case)
+
+
+_NO_CAPS = PriceCaps()
+
+
+@functools.lru_cache(maxsize=4096)
+def _costs(pricing: LinearPricing, threads: int, expected_s: Decimal, utilisation: Decimal,
+           lifetime_s: Decimal) -> tuple[Decimal, Decimal]:
+    # Cached: many offers share a price, and both amounts are rounded to the wei and
+    # normalized, so equal arguments (however spelled) give the same Decimals.
+    return pricing.estimate(threads, expected_s, utilisation), pricing.worst_case(threads, lifetime_s)
 
 
 def rank(candidates: Iterable[Candidate]) -> list[Candidate]:

@@ -14,6 +14,7 @@ back as exactly the price it set.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
@@ -37,7 +38,10 @@ def quantize(amount: Decimal) -> Decimal:
         return amount.quantize(WEI, rounding=ROUND_HALF_EVEN).normalize()
 
 
+@functools.lru_cache(maxsize=4096)
 def _per_hour(per_second: Decimal) -> Decimal:
+    # Cached: the result is rounded and normalized, so equal coefficients (however
+    # spelled) give the same Decimal; offers on a market share few distinct prices.
     with localcontext(prec=_EXACT_DIGITS):
         return quantize(per_second * _HOUR)
 

@@ -15,6 +15,7 @@ Signatures are made and recovered by :mod:`golem_dask.protocol.identity`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 import os
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 
     from golem_dask.protocol.identity import Wallet
 
+#: The EIP-55 spelling of a recovered 20-byte signer (a keccak each): a peer signs many frames.
+_checksum = functools.lru_cache(maxsize=1 << 14)(checksum_address)
+
 _EXT_DECIMAL = 1
 _EXT_MESSAGE = 2
 _BY_NAME = {cls.__name__: cls for cls in MESSAGE_TYPES}
@@ -57,15 +61,21 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {cls.__name__} on the wire")
 
 
+_CONTAINERS = (list, dict, float)
+
+
 def _finite_floats(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ProtocolError(f"non-finite number {obj} on the wire")
-    if isinstance(obj, list):
-        for item in obj:
-            _finite_floats(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _finite_floats(item)
+    # msgpack makes exactly these types (a message's own fields were checked when its
+    # extension was unpacked), so exact type tests see every float; only containers
+    # and floats are visited.
+    kind = type(obj)
+    if kind is float:
+        if not math.isfinite(obj):
+            raise ProtocolError(f"non-finite number {obj} on the wire")
+    elif kind is list or kind is dict:
+        for item in obj if kind is list else obj.values():
+            if type(item) in _CONTAINERS:
+                _finite_floats(item)
     return obj
 
 
@@ -291,7 +301,8 @@ def verify(envelope: Envelope) -> Any:
     Checks the field types, the protocol version, the signature's shape (65 bytes,
     ``v`` 27 or 28, ``r`` and ``s`` in range, low ``s``), then recovers the signer from
     the signature over :meth:`Envelope.digest` and compares it with the sender, which
-    must be in checksummed form.  Nothing is cached between calls.  Replays are not
+    must be in checksummed form.  No result is cached between calls (only the EIP-55
+    spelling of each recovered address, which depends on nothing else).  Replays are not
     checked here: see :class:`ReplayGuard`.
 
     Parameters
@@ -356,7 +367,7 @@ def verify(envelope: Envelope) -> Any:
         signer = recover_address(digest, signature[:64], v - 27)
     except Exception:  # the backends raise several kinds on unrecoverable signatures
         raise ProtocolError("bad signature: no public key recovers from it") from None
-    expected = checksum_address(signer)
+    expected = _checksum(bytes(signer))
     if expected != sender:
         if expected.lower() == sender.lower():
             raise ProtocolError(f"bad signature: sender {sender} is not checksummed (expected {expected})")
