@@ -30,7 +30,8 @@ from golem_dask.payment.budget import Budget
 from golem_dask.protocol.messages import ExeCommand
 from golem_dask.provider.factory import embedded_agents, plan_runtime
 from golem_dask.provider.runtime.base import Runtime
-from golem_dask.tls import TLS_ARGS, temporary_security, tls_commands
+from golem_dask.scheduler import GolemScheduler
+from golem_dask.tls import TLS_ARGS, CertificateAuthority
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,21 @@ def transfer_commands(
     setup = [command(url, path, url) for url, path in inputs.items()]
     collect = [command(path, url, url) for path, url in outputs.items()]
     return setup, collect
+
+
+def scheduler_hosts(market: Market, embedded_docker: bool) -> tuple[str, str | None]:
+    """Where the scheduler listens, and the host workers dial (None: its own address).
+
+    ``golem.cluster.scheduler-host`` if set; on the embedded market's docker bridge all
+    interfaces, dialled as ``host.docker.internal``; otherwise the interface that
+    reaches the market's providers (for a hub, the one routing to it), or loopback.
+    """
+    configured = config.get("cluster.scheduler-host")
+    if configured:
+        return str(configured), None
+    if embedded_docker and config.get("provider.docker-network") != "host":
+        return "0.0.0.0", "host.docker.internal"
+    return market.scheduler_host() or "127.0.0.1", None
 
 
 def tolerance_from_config() -> Tolerance:
@@ -202,28 +218,26 @@ class GolemCluster(SpecCluster):
         self.market = backend if isinstance(backend, Market) else make_market(
             backend, payer, lambda: embedded_agents(self.spec.platform, runtime=plan.embedded, image=plan.image,
                                                     docker_client=plan.docker_client))
-        if getattr(payer, "wallet", None) is not None:
-            self.market.bind_wallet(payer.wallet)
+        if (wallet := getattr(payer, "wallet", None)) is not None:  # it signs the agreements' terms
+            self.market.bind_wallet(wallet)
         self.budget = Budget(total)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
         self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events)
+        # TLS for every worker that is not a plain process of this machine's own provider.
         use_tls = config.get("cluster.tls", tls)
-        security = temporary_security() if (self.runtime == "docker" if use_tls is None else use_tls) else None
-        bridge = self.runtime == "docker" and backend == "local" and config.get("provider.docker-network") != "host"
+        use_tls = not (backend == "local" and self.runtime != "docker") if use_tls is None else use_tls
+        self.ca = CertificateAuthority() if use_tls else None
+        security = self.ca.security() if self.ca is not None else None
+        listen, dial = scheduler_hosts(self.market, backend == "local" and self.runtime == "docker")
         self.registrations = Registrations()
-        self._parts = self._requestor_parts(security, inputs, outputs, storage_options, worker_options, bridge)
+        self._parts = self._requestor_parts(inputs, outputs, storage_options, worker_options, dial)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._golem_started = False
         self._golem_closed = False
-        scheduler = {"cls": "distributed.Scheduler", "options": {
-            # On a docker bridge the workers dial the host's gateway address.
-            "host": "0.0.0.0" if bridge else "127.0.0.1",
-            "port": 0,
-            "dashboard_address": ":0",
-            "protocol": "tls" if security is not None else "tcp",
-            "security": security,
-            **(scheduler_options or {}),
-        }}
+        # The dashboard stays on this machine: providers have no business there.
+        scheduler = {"cls": GolemScheduler, "options": {
+            "host": listen, "port": 0, "dashboard_address": "127.0.0.1:0", "security": security,
+            "protocol": "tls" if security is not None else "tcp", **(scheduler_options or {})}}
         worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
         n = n_workers if n_workers is not None else 0
         super().__init__(workers={self._new_worker_name(i): worker for i in range(n)}, scheduler=scheduler,
@@ -233,12 +247,11 @@ class GolemCluster(SpecCluster):
 
     # -- construction helpers ---------------------------------------------------------
 
-    def _requestor_parts(self, security: Any, inputs: Mapping[str, str] | None, outputs: Mapping[str, str] | None,
+    def _requestor_parts(self, inputs: Mapping[str, str] | None, outputs: Mapping[str, str] | None,
                          storage_options: Mapping[str, Mapping[str, Any]] | None, worker_options: Sequence[str],
-                         bridge: bool) -> RequestorParts:
+                         scheduler_host: str | None) -> RequestorParts:
         setup, collect = transfer_commands(inputs or {}, outputs or {}, storage_options or {})
-        if security is not None:
-            setup = tls_commands(security) + setup
+        if self.ca is not None:
             worker_options = (*TLS_ARGS, *worker_options)
         return RequestorParts(
             market=self.market,
@@ -253,7 +266,8 @@ class GolemCluster(SpecCluster):
             worker_options=tuple(worker_options),
             setup=tuple(setup),
             collect=tuple(collect),
-            scheduler_host="host.docker.internal" if bridge else None,
+            scheduler_host=scheduler_host,
+            ca=self.ca,
         )
 
     def _new_worker_name(self, worker_number: int) -> str:

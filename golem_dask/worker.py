@@ -27,6 +27,7 @@ from golem_dask.market.negotiation import Deal, Negotiator
 from golem_dask.payment.accountant import Accountant
 from golem_dask.protocol.messages import ActivityState, ExeCommand
 from golem_dask.protocol.sealing import activity_aad, provider_key, seal_commands
+from golem_dask.tls import CertificateAuthority
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class RequestorParts:
     collect: Sequence[ExeCommand] = ()
     #: Host the worker dials for the scheduler (``host.docker.internal`` on a bridge).
     scheduler_host: str | None = None
+    #: The cluster's certificate authority: each worker gets its own certificate (None: no TLS).
+    ca: CertificateAuthority | None = None
     #: Rentals prepared ahead (while the scheduler starts) for workers not started yet.
     early: dict[str, Rental] = field(default_factory=dict)
 
@@ -140,7 +143,8 @@ class Rental:
         self.activity_id = activity.id
         self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
         self._script_sent.set()
-        await self._exec([ExeCommand("deploy"), ExeCommand("start"), *p.setup])
+        tls = p.ca.worker_commands(self.name) if p.ca is not None else []
+        await self._exec([ExeCommand("deploy"), ExeCommand("start"), *tls, *p.setup])
 
     async def run(self, args: Sequence[str]) -> None:
         """Start ``dask worker`` with ``args`` in the prepared activity."""

@@ -66,6 +66,11 @@ class Market(abc.ABC):
         given a wallet at construction keeps that one.
         """
 
+    def scheduler_host(self) -> str | None:
+        """The address of this machine that the market's providers can reach (the
+        requestor's scheduler listens there), or None for loopback."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect.  Called once before anything else."""
 

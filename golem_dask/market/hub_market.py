@@ -12,7 +12,7 @@ from golem_dask import config
 from golem_dask.errors import MarketError, NetworkError, ProposalRejected, ProtocolError
 from golem_dask.market.base import MarketEvent, OfferReceived, OfferWithdrawn
 from golem_dask.market.link import PROVIDER_METHODS, REMOTE_ERRORS, HubLink
-from golem_dask.market.matching import matches, offer_proposal
+from golem_dask.market.matching import matches, offer_proposal, verified_offers
 from golem_dask.market.relay import FINAL_STATES, RelayMarket, drain
 from golem_dask.protocol import wire
 from golem_dask.protocol.messages import Activity, ActivityState, DebitNote, Demand, Invoice, Offer, new_id
@@ -41,6 +41,20 @@ class HubMarket(RelayMarket):
         self._sent_offers: dict[str, set[str]] = {}
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._call_timeout_s = config.seconds("hub.call-timeout")
+
+    def scheduler_host(self) -> str | None:
+        """The local address that routes to the hub: providers reach the requestor there."""
+        import socket
+
+        host, port = self.link.host, self.link.port
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect(address)  # no packet is sent: this only picks the route
+                return str(probe.getsockname()[0])
+        except OSError as e:
+            raise NetworkError(f"no route from this machine to the hub at {self.url}: {e}; set "
+                               "golem.cluster.scheduler-host to the address providers can reach") from e
 
     def __repr__(self) -> str:
         return f"<HubMarket {self.url} connected={self.link.connected}>"
@@ -75,7 +89,7 @@ class HubMarket(RelayMarket):
                 if kind == "error":
                     fut.set_exception(MarketError(f"hub: {payload.get('reason')}"))
                 else:
-                    fut.set_result(payload["offers"])
+                    fut.set_result(payload)
             elif kind == "error":
                 logger.warning("hub error: %s", payload.get("reason"))
         elif kind == "reply":
@@ -100,15 +114,11 @@ class HubMarket(RelayMarket):
 
     def _offer_from_frame(self, data: bytes) -> Offer | None:
         try:
-            envelope = wire.unframe(data, self.link.max_frame)
-            offer = wire.verify(envelope)
+            # Verified as signed by its provider (once per exact frame: see VerifiedOffers).
+            return verified_offers.offer(data, self.link.max_frame)
         except ProtocolError as e:
             logger.warning("dropping an offer the hub forwarded: %s", e)
             return None
-        if not isinstance(offer, Offer) or offer.provider_id != envelope.sender:
-            logger.warning("dropping an offer not signed by its provider")
-            return None
-        return offer
 
     def _on_event(self, payload: dict[str, Any]) -> None:
         if "gone" in payload:
@@ -185,6 +195,16 @@ class HubMarket(RelayMarket):
         return drain(sub[1])
 
     async def scan(self) -> list[Offer]:
-        ref = new_id()
-        frames = await self._request(ref, "scan", {"ref": ref}, self._call_timeout_s)
-        return [o for o in (self._offer_from_frame(f) for f in frames) if o is not None]
+        # The hub answers a page at a time (each fits in a frame), in order of offer id.
+        offers: list[Offer] = []
+        after: str | None = None
+        while True:
+            ref = new_id()
+            page = await self._request(ref, "scan", {"ref": ref, "after": after}, self._call_timeout_s)
+            frames = page.get("offers") if isinstance(page, dict) else None
+            offers.extend(o for o in (self._offer_from_frame(f) for f in (frames if isinstance(frames, list) else []))
+                          if o is not None)
+            following = page.get("next") if isinstance(page, dict) else None
+            if not isinstance(following, str) or (after is not None and following <= after):
+                return offers  # the last page (or a hub that does not page)
+            after = following

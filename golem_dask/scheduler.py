@@ -1,0 +1,64 @@
+"""The scheduler of a GolemCluster: dask's, with certificate roles enforced.
+
+With TLS every peer shows a certificate of the cluster's CA (:mod:`golem_dask.tls`).  A
+worker certificate (what each provider gets) opens only what a worker needs of the
+scheduler (registering under its own name, heartbeats, asking who has a key); every
+other operation, a client session above all, needs the requestor's client certificate.
+Without TLS (workers on the requestor's own machine) nothing changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Scheduler
+from distributed.core import _expects_comm
+
+from golem_dask.tls import role_of
+
+logger = logging.getLogger(__name__)
+
+#: What a worker certificate may ask of the scheduler.
+WORKER_OPERATIONS = frozenset({"register-worker", "heartbeat_worker", "who_has"})
+#: Roles that may do anything: the requestor's own clients, and its scheduler.
+TRUSTED_ROLES = frozenset({"client", "scheduler"})
+
+
+class RoleRefused(PermissionError):
+    """A peer asked for an operation its certificate's role does not allow."""
+
+
+def _guard(op: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    takes_comm = _expects_comm(handler)
+    takes_serializers = "serializers" in inspect.signature(handler).parameters
+
+    async def guarded(comm: Any, serializers: Any = None, **msg: Any) -> Any:
+        peer = role_of(getattr(comm, "extra_info", {}).get("peercert"))
+        if peer is not None and peer[0] not in TRUSTED_ROLES:
+            role, name = peer
+            if role != "worker" or op not in WORKER_OPERATIONS:
+                logger.warning("refused %r from %s (certificate role %s, name %s)", op, comm.peer_address, role, name)
+                raise RoleRefused(f"a {role} certificate may not call {op!r} on this scheduler")
+            if op == "register-worker" and str(msg.get("name")) != name:
+                logger.warning("refused a worker registering as %r with the certificate of %r", msg.get("name"), name)
+                raise RoleRefused(f"the certificate of worker {name!r} cannot register worker {msg.get('name')!r}")
+        if takes_serializers:
+            msg["serializers"] = serializers
+        result = handler(comm, **msg) if takes_comm else handler(**msg)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    guarded.__name__ = f"guarded_{getattr(handler, '__name__', op)}"
+    return guarded
+
+
+class GolemScheduler(Scheduler):
+    """A :class:`distributed.Scheduler` whose handlers check the caller's certificate role."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handlers = {op: _guard(op, handler) for op, handler in self.handlers.items()}
