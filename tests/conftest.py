@@ -9,15 +9,20 @@ import psutil
 import pytest
 
 
+def is_worker(cmd: list[str]) -> bool:
+    """A rented worker (the entry script in a sandbox's ``.golem`` folder), or a plain ``dask worker``."""
+    return any(arg.endswith("/.golem/entry.py") for arg in cmd) or ("dask" in " ".join(cmd) and "worker" in cmd)
+
+
 def dask_worker_children() -> list[psutil.Process]:
-    """``dask worker`` processes started (directly or not) by this test process."""
+    """Worker processes started (directly or not) by this test process."""
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        if "dask" in " ".join(cmd) and "worker" in cmd:
+        if is_worker(cmd):
             found.append(child)
     return found
 

@@ -62,7 +62,9 @@ def test_negative_usage_is_rejected() -> None:
 
 def test_bill_totals_only_what_was_paid() -> None:
     def entry(status: EntryStatus, amount: str) -> BillEntry:
-        return BillEntry("w", ADDR, "a", usage("1", "2"), Decimal(1), Decimal(2), Decimal(amount), status.value, None, None)
+        paid = Decimal(amount) if status is EntryStatus.PAID else Decimal(0)
+        return BillEntry("w", ADDR, "a", usage("1", "2"), Decimal(1), Decimal(2), Decimal(amount), status.value, None,
+                         None, paid)
 
     bill = Bill((entry(EntryStatus.PAID, "0.5"), entry(EntryStatus.REJECTED, "9"), entry(EntryStatus.PAID, "0.25")),
                 "erc20-devnet-glm", ADDR)
@@ -84,7 +86,7 @@ class RecordingMarket:
         self.answers.append(("reject", reason))
 
     async def notify_payment(self, payment: object) -> None:
-        pass
+        self.answers.append(("payment", str(payment.tx_hash)))  # type: ignore[attr-defined]
 
 
 def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
@@ -123,9 +125,14 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
         await accountant.on_document(market, invoice)
         await asyncio.gather(*accountant._late)
         assert acc.status is EntryStatus.PAID and acc.amount == PRICING.cost(u), acc.reason
-        # A second settle (say, at close) and a second invoice pay nothing more.
+        # A second settle (say, at close) and the invoice re-sent pay nothing more: the
+        # provider is told again of the payment it may have missed; another invoice for
+        # the same agreement is rejected.
         await accountant.settle(market, "a1", 0.05)
         await accountant.on_document(market, invoice)
+        assert market.answers[-1] == ("payment", acc.tx_hash)
+        other = Invoice("a1", ("act",), u, PRICING.cost(u), payee, payer.address, payee, payer.address, "devnet")
+        await accountant.on_document(market, other)
         assert await payer.balance(payee) == PRICING.cost(u)
         assert market.answers[-1][0] == "reject" and budget.reserved_for("a1") == 0
         assert budget.spent == PRICING.cost(u)

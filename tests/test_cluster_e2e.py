@@ -137,9 +137,14 @@ def test_budget_too_small_stops_at_what_it_can_afford() -> None:
         assert cluster.budget.reserved == Decimal("0.24")
         warnings = [str(e) for e in cluster.events.of_kind("budget")]
         assert any("allows 2 workers" in w for w in warnings)
+        before = len(cluster.events.of_kind("budget"))
         cluster.scale(4)
-        time.sleep(1)
-        assert len(cluster.workers) == 2
+        # The cluster tries, finds the budget short, and says so again: then it has settled.
+        deadline = time.monotonic() + 30
+        while len(cluster.events.of_kind("budget")) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(cluster.events.of_kind("budget")) > before
+        assert len(cluster.workers) == 2 and len(cluster.scheduler.workers) == 2
     assert len(cluster.bill().entries) == 2
 
 
@@ -253,7 +258,11 @@ def test_rentals_prepared_ahead_are_ended_when_no_worker_takes_them() -> None:
             assert rental.activity_id is not None and cluster.budget.reserved > 0
         assert agent.live_agreements == []
         assert cluster.budget.reserved == 0 and cluster.budget.spent == 0
-        assert [e.status for e in cluster.bill().entries] != ["paid"]
+        (entry,) = cluster.bill().entries
+        assert (entry.worker, entry.status, entry.paid) == ("never-started", "nothing due", 0)
+        from golem_dask.chain.devnet import Devnet
+
+        assert Devnet.shared().token_balance(entry.provider) == 0
 
     asyncio.run(main())
 

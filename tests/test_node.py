@@ -254,8 +254,20 @@ def test_context_manager_stops_the_node_on_error() -> None:
     assert anvil_children() == []
 
 
+FIXTURE_PIDS: list[int] = []
+
+
+def test_the_fixture_runs_a_node(anvil: AnvilNode) -> None:  # noqa: F811
+    assert anvil.pid is not None and psutil.Process(anvil.pid).name() == "anvil"
+    FIXTURE_PIDS.append(anvil.pid)
+
+
 def test_the_fixture_left_no_anvil_process() -> None:
-    # Runs after the fixture-based tests above (pytest keeps file order).
+    # Runs after the fixture-based tests above (pytest keeps file order): the node the
+    # test above had is gone, and no other is left.
+    anvil_binary()  # without anvil this module checks nothing: skip, or fail in CI
+    assert FIXTURE_PIDS, "the fixture test above did not run"
+    assert all(gone(pid) for pid in FIXTURE_PIDS)
     assert anvil_children() == []
 
 

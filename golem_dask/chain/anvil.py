@@ -6,7 +6,7 @@ standalone node that speaks JSON-RPC over HTTP like a public chain does.  Code t
 talks to it goes through the same network stack (``web3.HTTPProvider``, raw signed
 transactions, receipts polled over HTTP) as code that talks to a real chain.
 
-The node listens on ``127.0.0.1`` on a free port, mines every transaction as it arrives
+The node listens on ``127.0.0.1`` (or the given ``host``) on a free port, mines every transaction as it arrives
 (or every ``block_time`` seconds), and pre-funds ten unlocked dev accounts derived from
 anvil's well-known ``test test ... junk`` mnemonic.  Unless ``persist_state=False``, it
 runs with ``--state PATH``: anvil loads the chain from ``PATH`` when it starts and dumps
@@ -204,7 +204,7 @@ def _read_from(path: Path, offset: int) -> str:
 
 
 class AnvilNode:
-    """An anvil process on ``127.0.0.1``, started and stopped by this object.
+    """An anvil process, started and stopped by this object.
 
     Parameters
     ----------
@@ -234,6 +234,9 @@ class AnvilNode:
         Seconds to wait for the JSON-RPC endpoint to answer.
     extra_args:
         More command-line arguments for anvil (e.g. ``["--hardfork", "cancun"]``).
+    host:
+        The address to listen on (default loopback; another host's providers, checking
+        their payments, need one they can reach).
 
     Attributes
     ----------
@@ -267,11 +270,12 @@ class AnvilNode:
         state_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        host: str = "127.0.0.1",
     ) -> None:
         if block_time is not None and not block_time > 0:
             raise ValueError(f"block_time must be positive seconds or None, got {block_time!r}")
         self.binary: Path = find_anvil(binary)
-        self.host = "127.0.0.1"
+        self.host = host
         self.chain_id = int(chain_id)
         self.block_time = block_time
         self.persist_state = persist_state

@@ -10,12 +10,14 @@ negotiation.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
+from golem_dask.image import client_versions
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
@@ -139,4 +141,6 @@ class DemandSpec:
         }
         if self.image:
             props[P.IMAGE] = self.image
+            # The provider checks its image against these before starting a worker.
+            props[P.DASK_VERSIONS] = json.dumps(client_versions(), sort_keys=True)
         return Demand(properties=props, constraints=str(self.constraints))

@@ -101,6 +101,11 @@ class RelayMarket(Market):
                 q.put_nowait(None)
         self._payments.put_nowait(None)
 
+    def adopt(self, agreement: Agreement) -> None:
+        """Know an agreement signed by an earlier run of this requestor (its ledger has
+        it), so that its provider's documents are delivered and can be answered."""
+        self._agreements.setdefault(agreement.id, agreement)
+
     def _remember_offer_proposal(self, proposal: Proposal) -> None:
         self._proposals[proposal.id] = proposal
 

@@ -24,8 +24,11 @@ from typing import Any
 
 from golem_dask.errors import PaymentError
 from golem_dask.payment.base import Payer
+from golem_dask.chain.units import from_wei, to_wei
 from golem_dask.payment.bill import Bill, BillEntry, EntryStatus, plain
 from golem_dask.payment.budget import Budget
+from golem_dask.payment.commitments import Commitments
+from golem_dask.payment.ledger import Ledger
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, DebitNote, Invoice, Payment
@@ -49,6 +52,7 @@ class AgreementAccount:
     status: EntryStatus = EntryStatus.RUNNING
     reason: str | None = None
     amount: Decimal = Decimal(0)
+    paid: Decimal = Decimal(0)
     tx_hash: str | None = None
     invoice_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,6 +120,15 @@ def check_usage(
     return None
 
 
+async def _tell(call: Any, what: str) -> None:
+    """Deliver an answer to a provider, best effort: it may be gone, and what we decided is
+    already recorded (a provider re-sends what it has no answer for)."""
+    try:
+        await call
+    except Exception as e:
+        logger.warning("%s failed (the provider may be gone): %s", what, e)
+
+
 def max_due(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
     """The largest invoice :func:`check_usage` could accept for ``account`` as metered now."""
     if account.started is None:
@@ -146,7 +159,9 @@ class Accountant:
         self.accounts: dict[str, AgreementAccount] = {}
         self._late: set[asyncio.Task[AgreementAccount]] = set()
         self.payments: list[Payment] = []
-        self._pay_lock = asyncio.Lock()
+        ledger = getattr(payer, "ledger", None)
+        #: Agreements signed and documents accepted, in the payer's ledger (None: a payer without one).
+        self.commitments = Commitments(ledger) if isinstance(ledger, Ledger) else None
 
     def _emit(self, kind: str, message: str, **data: Any) -> None:
         if self.events is not None:
@@ -163,6 +178,8 @@ class Accountant:
         )
         self.accounts[agreement.id] = account
         self.budget.rekey(reservation, agreement.id)
+        if self.commitments is not None:
+            self.commitments.sign(agreement, self.payer.platform)
         return account
 
     def activity_started(self, agreement_id: str) -> None:
@@ -193,20 +210,31 @@ class Accountant:
         """Check one debit note or invoice from the market and answer it."""
         account = self.accounts.get(document.agreement_id)
         if account is None:
-            await market.reject(document, "unknown agreement")
+            if self.commitments is not None and self.commitments.agreement(document.agreement_id) is not None:
+                # An earlier run signed it: 'golem-dask pay --hub' answers it against the ledger.
+                logger.info("%s for agreement %s of an earlier run left for 'golem-dask pay'",
+                            type(document).__name__, document.agreement_id)
+                return
+            await _tell(market.reject(document, "unknown agreement"), "rejecting a document")
             return
         if isinstance(document, DebitNote):
             reason = check_usage(document.usage, document.total_amount_due, account, self.tolerance)
             if reason is None:
                 account.last_debit_note = document
-                await market.accept(document, document.total_amount_due)
+                # Accepting is a promise to pay: on disk first, then the provider is told.
+                self._commit(document.id, document.agreement_id, "debit-note", document.total_amount_due)
+                await _tell(market.accept(document, document.total_amount_due), "accepting a debit note")
             else:
                 self._emit("warning", f"rejected debit note from {account.worker}: {reason}")
-                await market.reject(document, reason)
+                await _tell(market.reject(document, reason), "rejecting a debit note")
             return
         if account.invoice is not None:
-            await market.reject(document, f"agreement already invoiced by {account.invoice.id}")
-            return
+            if document.id != account.invoice.id:
+                await _tell(market.reject(document, f"agreement already invoiced by {account.invoice.id}"),
+                            "rejecting a second invoice")
+            elif account.settled.is_set():
+                await self._answer_again(market, account)
+            return  # otherwise the same invoice re-sent while it is being answered
         account.invoice = document
         account.invoice_arrived.set()
         if account.status is EntryStatus.AWAITING_INVOICE and not account.settled.is_set():
@@ -230,9 +258,14 @@ class Accountant:
             held = max_due(account, self.tolerance)
             self.budget.shrink(agreement_id, held)
             account.status = EntryStatus.AWAITING_INVOICE
-            account.reason = f"no invoice within {timeout_s}s; up to {plain(held)} GLM held for a late one"
-            self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; nothing paid yet, "
-                       f"up to {plain(held)} GLM held in case it comes")
+            # What its debit notes said and we accepted is owed whatever happens next.
+            async with account.checking:
+                paid = await self._pay_accepted(market, account)
+            account.reason = (f"no invoice within {timeout_s}s" + (f"; paid {plain(paid)} GLM of accepted debit notes"
+                              if paid else "") + f"; up to {plain(held)} GLM held for a late one")
+            self._emit("warning", f"{account.worker}: no invoice within {timeout_s}s; "
+                       + (f"paid its accepted debit notes ({plain(paid)} GLM), " if paid else "nothing paid yet, ")
+                       + f"up to {plain(held)} GLM held in case it comes")
             return account
         async with account.checking:
             if account.settled.is_set() or account.status is EntryStatus.FAILED:
@@ -257,46 +290,102 @@ class Accountant:
             account.reason = reason
             self.budget.release(agreement_id)
             self._emit("invoice", f"rejected invoice of {invoice.amount} GLM from {account.worker}: {reason}")
-            await market.reject(invoice, reason)
+            self._close(agreement_id)
+            await _tell(market.reject(invoice, reason), "rejecting an invoice")
             account.settled.set()
             return account
         account.amount = invoice.amount
-        await market.accept(invoice, invoice.amount)
-        if invoice.amount == 0:
-            account.status = EntryStatus.NOTHING_DUE
-            self.budget.settle(agreement_id, Decimal(0))
+        self._commit(invoice.id, agreement_id, "invoice", invoice.amount)
+        await _tell(market.accept(invoice, invoice.amount), "accepting an invoice")
+        due = invoice.amount - self._committed(agreement_id)
+        if due <= 0:
+            account.status = EntryStatus.NOTHING_DUE if invoice.amount == 0 else EntryStatus.PAID
+            self.budget.settle(agreement_id, Decimal(0))  # what was paid before is spent already
+            self._close(agreement_id)
             account.settled.set()
             return account
-        await self._pay(market, account, invoice)
+        await self._pay(market, account, invoice, due)
         return account
 
-    async def _pay(self, market: Any, account: AgreementAccount, invoice: Invoice) -> None:
+    async def _answer_again(self, market: Any, account: AgreementAccount) -> None:
+        """A provider re-sent an invoice already answered: it missed the answer, tell it again."""
+        invoice = account.invoice
+        assert invoice is not None
+        if account.status is EntryStatus.REJECTED:
+            await _tell(market.reject(invoice, account.reason or "rejected"), "rejecting an invoice again")
+            return
+        for payment in self.payments:
+            if invoice.id in payment.invoice_ids:
+                await _tell(market.notify_payment(payment), f"announcing payment {payment.tx_hash} again")
+
+    async def _pay_accepted(self, market: Any, account: AgreementAccount) -> Decimal:
+        """Pay the last accepted debit note of an agreement whose invoice did not come
+        (a provider that died: it is paid for the time its notes showed); returns what
+        this paid."""
+        note = account.last_debit_note
+        if note is None:
+            return Decimal(0)
+        due = note.total_amount_due - self._committed(note.agreement_id)
+        if due <= 0:
+            return Decimal(0)
         try:
-            transfer = await self.payer.pay(invoice.payee_addr, invoice.amount, reference=invoice.id)
+            transfer = await self.payer.pay(account.agreement.provider_id, due, reference=note.id,
+                                            agreement_id=note.agreement_id)
+        except PaymentError as e:
+            self._emit("warning", f"paying {due} GLM of accepted debit notes to {account.worker} failed: {e}")
+            return Decimal(0)
+        account.paid += due
+        account.tx_hash = transfer.tx_hash
+        self.budget.spend(note.agreement_id, due)
+        payment = Payment(self.payer.address, account.agreement.provider_id, due, self.payer.platform, (note.id,),
+                          transfer.tx_hash, agreement_ids=(note.agreement_id,))
+        self.payments.append(payment)
+        self._emit("payment", f"paid {due} GLM to {account.agreement.provider_id} for {account.worker}'s accepted "
+                   f"debit notes in {transfer.tx_hash}", amount=due, tx_hash=transfer.tx_hash)
+        await _tell(market.notify_payment(payment), f"announcing payment {transfer.tx_hash}")
+        return due
+
+    def _commit(self, document_id: str, agreement_id: str, kind: str, amount: Decimal) -> None:
+        if self.commitments is not None:
+            self.commitments.accept(document_id, agreement_id, kind, to_wei(amount))
+
+    def _committed(self, agreement_id: str) -> Decimal:
+        """Already owed or paid for an agreement (by an earlier run, from accepted debit notes)."""
+        return from_wei(self.commitments.ledger.committed_wei(agreement_id)) if self.commitments else Decimal(0)
+
+    def _close(self, agreement_id: str) -> None:
+        if self.commitments is not None:
+            self.commitments.close(agreement_id)
+
+    async def _pay(self, market: Any, account: AgreementAccount, invoice: Invoice, due: Decimal) -> None:
+        try:
+            transfer = await self.payer.pay(invoice.payee_addr, due, reference=invoice.id,
+                                            agreement_id=invoice.agreement_id)
         except PaymentError as e:
             account.status = EntryStatus.FAILED
             account.reason = str(e)
-            self._emit("warning", f"payment of {invoice.amount} GLM to {invoice.payee_addr} failed: {e}")
+            self._emit("warning", f"payment of {due} GLM to {invoice.payee_addr} failed: {e}")
             return
         account.status = EntryStatus.PAID
+        account.paid += due
         account.tx_hash = transfer.tx_hash
-        self.budget.settle(account.agreement.id, invoice.amount)
+        self.budget.settle(account.agreement.id, due)
+        self._close(account.agreement.id)
         payment = Payment(
             payer_addr=self.payer.address,
             payee_addr=invoice.payee_addr,
-            amount=invoice.amount,
+            amount=due,
             payment_platform=self.payer.platform,
             invoice_ids=(invoice.id,),
             tx_hash=transfer.tx_hash,
+            agreement_ids=(invoice.agreement_id,),
         )
         self.payments.append(payment)
         account.settled.set()
-        self._emit("payment", f"paid {invoice.amount} GLM to {invoice.payee_addr} for {account.worker} in {transfer.tx_hash}",
-                   amount=invoice.amount, tx_hash=transfer.tx_hash)
-        try:
-            await market.notify_payment(payment)
-        except Exception as e:  # the money moved; telling the provider is best effort
-            logger.warning("could not notify provider of payment %s: %s", transfer.tx_hash, e)
+        self._emit("payment", f"paid {due} GLM to {invoice.payee_addr} for {account.worker} in {transfer.tx_hash}",
+                   amount=due, tx_hash=transfer.tx_hash)
+        # The money moved; telling the provider is best effort (it checks the chain anyway).
+        await _tell(market.notify_payment(payment), f"announcing payment {transfer.tx_hash}")
 
     def bill(self) -> Bill:
         entries = []
@@ -312,10 +401,11 @@ class Accountant:
                     usage=usage,
                     observed_cpu_sec=account.observed_cpu_sec,
                     observed_duration_sec=account.duration(),
-                    amount=account.invoice.amount if account.invoice else Decimal(0),
+                    amount=account.invoice.amount if account.invoice else account.paid,
                     status=account.status.value,
                     tx_hash=account.tx_hash,
                     reason=account.reason,
+                    paid=account.paid,
                 )
             )
         return Bill(tuple(entries), self.payer.platform, self.payer.address)

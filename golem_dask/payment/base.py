@@ -45,10 +45,11 @@ class Payer(abc.ABC):
         """Release connections.  Safe to call twice."""
 
     @abc.abstractmethod
-    async def pay(self, payee: str, amount: Decimal, *, reference: str) -> Transfer:
+    async def pay(self, payee: str, amount: Decimal, *, reference: str, agreement_id: str | None = None) -> Transfer:
         """Transfer ``amount`` tokens to ``payee`` and wait for the receipt.
 
-        ``reference`` (an invoice id) goes into logs so a payment can be traced.
+        ``reference`` (an invoice or debit note id) goes into logs so a payment can be
+        traced; ``agreement_id`` ties it to its agreement in a ledger.
         Raises :class:`~golem_dask.errors.PaymentError` when the transfer fails.
         """
 

@@ -33,6 +33,8 @@ class BillEntry:
     status: str
     tx_hash: str | None
     reason: str | None
+    #: What was paid for the agreement (all of its invoice, or its accepted debit notes).
+    paid: Decimal = Decimal(0)
 
     @property
     def cpu_sec(self) -> Decimal:
@@ -61,7 +63,8 @@ class Bill:
 
     @property
     def total(self) -> Decimal:
-        return sum((e.amount for e in self.entries if e.status == EntryStatus.PAID.value), Decimal(0))
+        """What was paid, in all."""
+        return sum((e.paid for e in self.entries), Decimal(0))
 
     @property
     def owed(self) -> Decimal:

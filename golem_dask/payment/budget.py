@@ -69,6 +69,12 @@ class Budget:
     def release(self, key: str) -> None:
         self._reserved.pop(key, None)
 
+    def spend(self, key: str, amount: Decimal) -> None:
+        """Pay part of a reservation now; the rest stays reserved."""
+        if key in self._reserved:
+            self._reserved[key] = max(Decimal(0), self._reserved[key] - amount)
+        self.spent += amount
+
     def settle(self, key: str, amount: Decimal) -> None:
         """Turn a reservation into ``amount`` spent."""
         self._reserved.pop(key, None)

@@ -234,7 +234,7 @@ class EthereumPayer(Payer):
 
     # --- paying ---------------------------------------------------------------------
 
-    async def pay(self, payee: str, amount: Decimal, *, reference: str) -> Transfer:
+    async def pay(self, payee: str, amount: Decimal, *, reference: str, agreement_id: str | None = None) -> Transfer:
         """Owe ``amount`` tokens to ``payee`` and pay it, batched with other debts.
 
         The debt is written to the ledger before anything is signed; then every debt
@@ -272,7 +272,7 @@ class EthereumPayer(Payer):
         wei = _amount_wei(amount)
         # The debt is written first, even if the chain is unreachable right now.
         debt = await asyncio.to_thread(
-            self.ledger.add_debt, reference, reference, self.address, payee, wei, self.platform
+            self.ledger.add_debt, reference, agreement_id or reference, self.address, payee, wei, self.platform
         )
         if debt.payee != payee or debt.amount_wei != wei:
             raise PaymentError(f"invoice {reference} is already owed with other terms ({debt.payee}, {debt.amount})")

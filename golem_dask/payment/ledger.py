@@ -143,7 +143,8 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> Any:
+    def transaction(self) -> Any:
+        """``with ledger.transaction() as db:``: one atomic, durable write (BEGIN IMMEDIATE)."""
         ledger = self
 
         class _Tx:
@@ -160,7 +161,8 @@ class Ledger:
 
         return _Tx()
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read."""
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
 
@@ -171,7 +173,7 @@ class Ledger:
     ) -> Debt:
         """Record an accepted invoice as owed (once: the same invoice twice is one debt)."""
         now = now_ms()
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO debts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (new_id(), invoice_id, agreement_id, payer, payee, str(int(amount_wei)), platform, OWED, None,
@@ -180,7 +182,7 @@ class Ledger:
         return self.debt_for_invoice(invoice_id)
 
     def _debts(self, where: str, args: Sequence[Any]) -> list[Debt]:
-        rows = self._query(
+        rows = self.query(
             "SELECT id, invoice_id, agreement_id, payer, payee, amount_wei, platform, status, payment_id, "
             f"created_ms FROM debts WHERE {where} ORDER BY created_ms, id", args)
         return [Debt(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6], r[7], r[8], int(r[9])) for r in rows]
@@ -196,6 +198,11 @@ class Ledger:
     def owed(self, payer: str) -> list[Debt]:
         return self._debts("payer = ? AND status = ?", (payer, OWED))
 
+    def committed_wei(self, agreement_id: str) -> int:
+        """What is owed, being paid or paid for an agreement, all its debts together."""
+        rows = self.query("SELECT amount_wei FROM debts WHERE agreement_id = ?", (agreement_id,))
+        return sum(int(amount) for (amount,) in rows)
+
     def debts(self) -> list[Debt]:
         return self._debts("1 = 1", ())
 
@@ -209,7 +216,7 @@ class Ledger:
         payment_id = new_id()
         now = now_ms()
         ids = list(debt_ids)
-        with self._tx() as db:
+        with self.transaction() as db:
             for debt_id in ids:
                 changed = db.execute(
                     "UPDATE debts SET status = ?, payment_id = ?, updated_ms = ? WHERE id = ? AND status = ?",
@@ -224,13 +231,13 @@ class Ledger:
 
     def add_replacement(self, payment_id: str, tx_hash: str, raw: bytes, max_fee_wei: int | None) -> None:
         """A replacement (same nonce, higher fee) of a payment's transaction."""
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO transactions VALUES (?,?,?,?,?)",
                        (tx_hash, payment_id, raw.hex(), None if max_fee_wei is None else str(max_fee_wei), now_ms()))
 
     def _set_status(self, payment_id: str, status: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(f"UPDATE payments SET status = ?, updated_ms = ?{', ' + sets if sets else ''} WHERE id = ?",
                        (status, now_ms(), *fields.values(), payment_id))
             if status == CONFIRMED:
@@ -251,14 +258,14 @@ class Ledger:
         self._set_status(payment_id, FAILED, reason=reason)
 
     def _payments(self, where: str, args: Sequence[Any]) -> list[PaymentRecord]:
-        rows = self._query(
+        rows = self.query(
             "SELECT id, payer, nonce, kind, status, confirmed_hash, block_number, reason, created_ms "
             f"FROM payments WHERE {where} ORDER BY nonce, created_ms", args)
         out = []
         for pid, payer, nonce, kind, status, confirmed, block, reason, created in rows:
-            hashes = tuple(h for (h,) in self._query(
+            hashes = tuple(h for (h,) in self.query(
                 "SELECT tx_hash FROM transactions WHERE payment_id = ? ORDER BY created_ms, rowid", (pid,)))
-            debts = tuple(d for (d,) in self._query("SELECT id FROM debts WHERE payment_id = ?", (pid,)))
+            debts = tuple(d for (d,) in self.query("SELECT id FROM debts WHERE payment_id = ?", (pid,)))
             out.append(PaymentRecord(pid, payer, nonce, kind, status, hashes, debts, confirmed, block, reason,
                                      created))
         return out
@@ -275,11 +282,11 @@ class Ledger:
         return self._payments("1 = 1", ())
 
     def raw_transaction(self, tx_hash: str) -> bytes:
-        ((raw,),) = self._query("SELECT raw FROM transactions WHERE tx_hash = ?", (tx_hash,))
+        ((raw,),) = self.query("SELECT raw FROM transactions WHERE tx_hash = ?", (tx_hash,))
         return bytes.fromhex(raw)
 
     def max_nonce(self, payer: str) -> int | None:
-        ((value,),) = self._query("SELECT MAX(nonce) FROM payments WHERE payer = ? AND status != ?",
+        ((value,),) = self.query("SELECT MAX(nonce) FROM payments WHERE payer = ? AND status != ?",
                                   (payer, FAILED))
         return None if value is None else int(value)
 

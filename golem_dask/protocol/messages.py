@@ -238,10 +238,14 @@ class Payment:
     tx_hash: str
     id: str = field(default_factory=new_id)
     timestamp_ms: int = field(default_factory=now_ms)
+    #: The agreements the payment is for (a payee credits it to them, up to what the
+    #: transaction really moved).
+    agreement_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _amount(self.amount, "amount")
         object.__setattr__(self, "invoice_ids", tuple(self.invoice_ids))
+        object.__setattr__(self, "agreement_ids", tuple(self.agreement_ids))
 
 
 MESSAGE_TYPES: tuple[type, ...] = (

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -236,7 +237,8 @@ class ProviderAgent:
             self._agreement_ids.add(agreement.id)
             approved = terms.sign(_replace_agreement(agreement, state=AgreementState.APPROVED,
                                                      approved_at_ms=now_ms()), self.wallet)
-            deal = Deal(approved, wanted, self._send, self.settings.debit_note_interval_s, self.wallet.unseal)
+            deal = Deal(approved, wanted, self._send, self.settings.debit_note_interval_s, self.wallet.unseal,
+                        on_end=lambda reason: self.terminate(approved.id, reason))
             self._deals[agreement.id] = deal
             deal.spawn(self._expire(deal))
             await self._republish()
@@ -305,7 +307,8 @@ class ProviderAgent:
             raise ActivityError(f"agreement {agreement_id} already has an activity")
         activity_id = new_id()
         image = deal.agreement.demand.properties.get(P.IMAGE)
-        deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources, image)
+        deal.activity = self.runtime.activity(activity_id, agreement_id, deal.resources, image,
+                                              _versions(deal.agreement.demand.properties.get(P.DASK_VERSIONS)))
         self._activities[activity_id] = deal
         await deal.state(ActivityState.INITIALIZED)
         return Activity(activity_id, agreement_id, ActivityState.INITIALIZED)
@@ -336,6 +339,19 @@ class ProviderAgent:
     async def on_payment(self, payment: Payment) -> None:
         self.payments.append(payment)
         logger.info("%s was paid %s GLM in %s", self, payment.amount, payment.tx_hash)
+
+
+def _versions(stated: Any) -> dict[str, str] | None:
+    """The versions a demand says its worker image must run (None when it says nothing)."""
+    if not stated:
+        return None
+    try:
+        versions = json.loads(str(stated))
+    except ValueError:
+        raise ActivityError(f"the demand's {P.DASK_VERSIONS} is not JSON") from None
+    if not isinstance(versions, dict):
+        raise ActivityError(f"the demand's {P.DASK_VERSIONS} is not a mapping")
+    return {str(k): str(v) for k, v in versions.items()}
 
 
 def _replace_agreement(agreement: Agreement, **changes: Any) -> Agreement:

@@ -3,8 +3,11 @@
 The daemon connects its :class:`~golem_dask.provider.agent.ProviderAgent` to a hub, answers
 requestors' calls (only the agent's negotiation, activity and payment methods, and only
 about the caller's own agreements), pushes activity states, debit notes and invoices back,
-re-publishes its offer before it expires, reconnects when the hub restarts, and checks on
-chain that every payment announced to it really arrived.
+re-publishes its offer before it expires, and reconnects when the hub restarts.
+
+Every invoice is kept on disk (:class:`~golem_dask.provider.receivables.Receivables`)
+and re-sent until it is paid or rejected; a payment announced to the daemon counts only
+once checked on chain, against its own invoices, each transaction once.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from golem_dask import config
 from golem_dask.errors import GolemDaskError, MarketError, NetworkError
 from golem_dask.market.link import PROVIDER_METHODS, REMOTE_ERRORS, HubLink
 from golem_dask.protocol import wire
-from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice, Offer, Payment
+from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice, Offer, Payment, now_ms
 from golem_dask.provider.agent import ProviderAgent
 from golem_dask.provider.payment_check import PaymentCheck
+from golem_dask.provider.receivables import Receivables
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +43,31 @@ class ProviderDaemon:
     hub_url:
         ``tcp://HOST:PORT``.
     payment_check:
-        Verifies announced payments on chain (optional).
+        Verifies announced payments on chain (without one, nothing is counted as paid).
+    receivables:
+        Where invoices wait to be paid (default: in memory).
     """
 
-    def __init__(self, agent: ProviderAgent, wallet: Any, hub_url: str, payment_check: PaymentCheck | None = None) -> None:
+    def __init__(self, agent: ProviderAgent, wallet: Any, hub_url: str, payment_check: PaymentCheck | None = None,
+                 receivables: Receivables | None = None) -> None:
         if agent.id != wallet.address:
             raise MarketError("the agent's id must be its wallet's address")
         self.agent = agent
         self.link = HubLink(hub_url, wallet, "provider", self._on_message, self._on_connect)
         self.payment_check = payment_check
+        self._receivables = receivables
+        self._crediting = asyncio.Lock()
         self.verified: list[tuple[str, Decimal]] = []
         self._outbox: collections.deque[tuple[str, Any]] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._requestors: dict[str, str] = {}  # agreement id -> requestor address
+
+    @property
+    def receivables(self) -> Receivables:
+        """Where invoices wait to be paid (made at first use when none was given)."""
+        if self._receivables is None:
+            self._receivables = Receivables(":memory:")
+        return self._receivables
 
     # -- the agent's link to its market ------------------------------------------------
 
@@ -65,6 +81,10 @@ class ProviderDaemon:
 
     async def send(self, message: Activity | DebitNote | Invoice) -> None:
         requestor = self._requestors.get(message.agreement_id)
+        if isinstance(message, Invoice):
+            # On disk before it leaves: re-sent until paid, also after a restart.
+            await asyncio.to_thread(self.receivables.add, message)
+            requestor = message.recipient_id
         if requestor is None:
             return
         payload = {"to": requestor, "message": message}
@@ -80,6 +100,7 @@ class ProviderDaemon:
         await self.link.start(config.seconds("hub.connect-timeout"))
         await self.agent.connect(self)
         self._spawn(self._refresh(), "provider-refresh")
+        self._spawn(self._resend_unpaid(), "provider-resend")
         logger.info("provider %s selling %s on %s", self.agent.settings.name, self.agent.settings.capacity, self.link.url)
 
     async def close(self) -> None:
@@ -116,6 +137,24 @@ class ProviderDaemon:
             kind, payload = self._outbox[0]
             await self.link.send(kind, payload)
             self._outbox.popleft()
+
+    async def _resend_unpaid(self) -> None:
+        """Re-send invoices that are neither paid nor rejected (the requestor may have been
+        away, or its answer lost), until ``golem.provider.invoice-retention`` passes."""
+        interval_ms = int(config.seconds("provider.invoice-resend") * 1000)
+        while True:
+            await asyncio.sleep(interval_ms / 1000)
+            if self._receivables is None:
+                continue  # nothing was ever invoiced
+            now = now_ms()
+            due = await asyncio.to_thread(self.receivables.due_for_resend, now - interval_ms,
+                                          now - int(config.seconds("provider.invoice-retention") * 1000))
+            for invoice in due:
+                with contextlib.suppress(NetworkError):
+                    await self.link.send("push", {"to": invoice.recipient_id, "message": invoice})
+                    await asyncio.to_thread(self.receivables.mark_sent, invoice.id)
+                    logger.info("re-sent unpaid invoice %s for agreement %s to %s", invoice.id,
+                                invoice.agreement_id, invoice.recipient_id)
 
     async def _refresh(self) -> None:
         while True:
@@ -163,6 +202,8 @@ class ProviderDaemon:
                 self._requestors[value.id] = caller
             if method == "on_payment":
                 self._spawn(self._verify_payment(args[0]), "verify-payment")
+            elif method == "on_rejected":
+                await asyncio.to_thread(self.receivables.reject, str(args[0]), str(args[1]))
             reply.update(ok=True, value=value)
         except (GolemDaskError, TypeError, ValueError, KeyError) as e:
             kind = next((name for name, cls in REMOTE_ERRORS.items() if isinstance(e, cls)), "MarketError")
@@ -172,13 +213,25 @@ class ProviderDaemon:
 
     async def _verify_payment(self, payment: Payment) -> None:
         if self.payment_check is None:
+            logger.warning("payment %s announced, but this provider has no chain to check it on "
+                           "(--rpc-url, --token-address): not counted", payment.tx_hash)
             return
         try:
-            amount = await asyncio.to_thread(self.payment_check.verify, payment, self.agent.id)
+            # One at a time, in the order announced: a transaction is credited to the
+            # first announcements of it, up to what it moved.
+            async with self._crediting:
+                moved = await asyncio.to_thread(self.payment_check.moved_wei, payment, self.agent.id)
+                credit = await asyncio.to_thread(self.receivables.credit, payment, moved)
         except Exception as e:  # a chain hiccup must not kill the daemon
             logger.error("payment NOT verified: %s (invoices %s)", e, ", ".join(payment.invoice_ids))
             return
-        self.verified.append((payment.tx_hash, amount))
+        if credit.credited <= 0:
+            logger.error("payment NOT credited: %s moved nothing to us that is not counted already "
+                         "(claimed %s GLM for %s)", payment.tx_hash, payment.amount,
+                         ", ".join(payment.invoice_ids or payment.agreement_ids))
+            return
+        self.verified.append((payment.tx_hash, credit.credited))
         # Printed, not only logged: the operator (and the tests) read this line.
-        print(f"payment verified: {amount} GLM in {payment.tx_hash} for invoices {', '.join(payment.invoice_ids)}",
-              flush=True)
+        print(f"payment verified: {credit.credited} GLM in {payment.tx_hash} for invoices "
+              f"{', '.join(payment.invoice_ids)}" + (f" (paid in full: {', '.join(credit.paid_invoices)})"
+                                                      if credit.paid_invoices else ""), flush=True)

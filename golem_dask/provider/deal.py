@@ -42,10 +42,15 @@ class Deal:
         How often a running activity's usage is billed.
     unseal:
         Opens what the requestor sealed to the provider (its wallet's ``unseal``).
+    on_end:
+        Called with the reason when the worker exits on its own: an agreement buys one
+        activity, so the provider ends the agreement (and invoices it) then, rather than
+        hold its slice, unbilled, until it expires.
     """
 
     def __init__(self, agreement: Agreement, resources: Resources, send: Send, debit_note_interval_s: float,
-                 unseal: Callable[[bytes, bytes], bytes]) -> None:
+                 unseal: Callable[[bytes, bytes], bytes],
+                 on_end: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.agreement = agreement
         self.resources = resources
         self.activity: RuntimeActivity | None = None
@@ -56,6 +61,7 @@ class Deal:
         self._send = send
         self._interval_s = debit_note_interval_s
         self._unseal = unseal
+        self._on_end = on_end
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -127,6 +133,8 @@ class Deal:
         if not self.ending and not self.stopped:
             tail = "\n".join(act.logs().splitlines()[-20:])
             await self.stop(ActivityState.FAILED, f"worker exited with code {code}\n{tail}")
+            if self._on_end is not None:
+                await self._on_end(f"its worker exited with code {code}")
 
     async def _debit_notes(self) -> None:
         pricing = self.pricing

@@ -21,6 +21,7 @@ from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.agent import ProviderAgent, ProviderSettings
 from golem_dask.provider.runtime.base import Runtime
+from golem_dask.provider.runtime.policy import TransferPolicy
 
 RUNTIMES = ("process", "docker")
 
@@ -50,18 +51,27 @@ def provider_settings(entry: Mapping[str, Any], platform: str, what: str = "prov
     )
 
 
-def make_runtime(kind: str, provider_name: str, image: str | None = None, docker_client: Any = None) -> Runtime:
-    """A ``process`` or ``docker`` runtime; docker uses ``docker_client`` when given."""
+def make_runtime(kind: str, provider_name: str, image: str | None = None, docker_client: Any = None, *,
+                 policy: TransferPolicy | None = None, network: str | None = None,
+                 inherit_environment: bool = False) -> Runtime:
+    """A ``process`` or ``docker`` runtime; docker uses ``docker_client`` when given.
+
+    ``policy``: what transfers may reach (default :meth:`TransferPolicy.strict`, for
+    strangers); ``network``: the containers' docker network (default
+    ``golem.provider.docker-network``); ``inherit_environment``: process workers get this
+    process's environment minus golem-dask's secrets instead of a scrubbed one.
+    """
+    policy = policy if policy is not None else TransferPolicy.strict()
     if kind == "docker":
         from golem_dask.image import default_tag
         from golem_dask.provider.runtime.docker import DockerRuntime
 
-        return DockerRuntime(image or default_tag(), config.get("provider.docker-network"), provider_name,
-                             client=docker_client)
+        return DockerRuntime(image or default_tag(), network or config.get("provider.docker-network"), provider_name,
+                             client=docker_client, policy=policy)
     if kind == "process":
         from golem_dask.provider.runtime.process import ProcessRuntime
 
-        return ProcessRuntime()
+        return ProcessRuntime(policy=policy, inherit_environment=inherit_environment)
     raise ConfigError(f"runtime {kind!r}: use one of {', '.join(RUNTIMES)}")
 
 
@@ -78,6 +88,11 @@ def embedded_agents(
     ``runtime``, which may also be a :class:`~golem_dask.provider.runtime.base.Runtime`
     object (the seam: tests and users bring their own).  Each agent gets a fresh
     identity.
+
+    These providers sell this machine to its own user: their transfers may reach any URL
+    (local files, loopback services: :meth:`TransferPolicy.trusting`) and process
+    workers inherit the user's environment minus golem-dask's secrets, like a
+    ``LocalCluster``'s.  Containers are hardened all the same.
     """
     entries = config.get("provider.local", entries) or []
     agents = []
@@ -91,7 +106,8 @@ def embedded_agents(
             kind = runtime if kind == "auto" else kind
             if kind not in RUNTIMES:
                 raise ConfigError(f"{what}.runtime={kind!r}: use 'process', 'docker' or 'auto'")
-            chosen = make_runtime(str(kind), settings.name, image, docker_client)
+            chosen = make_runtime(str(kind), settings.name, image, docker_client, policy=TransferPolicy.trusting(),
+                                  inherit_environment=True)
         agents.append(ProviderAgent(settings, chosen, Wallet.generate()))
     return agents
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from golem_dask.chain.deploy import token_contract
 from golem_dask.chain.rpc import connect
 from golem_dask.chain.transfers import token_transfers
-from golem_dask.chain.units import from_wei
 from golem_dask.errors import PaymentError
 from golem_dask.protocol.messages import Payment
 
@@ -32,8 +30,14 @@ class PaymentCheck:
             self._token = token_contract(connect(self.rpc_url), self.token_address)
         return self._token
 
-    def verify(self, payment: Payment, payee: str) -> Decimal:
-        """The amount the transaction moved from the payer to ``payee``; raises if short."""
+    def moved_wei(self, payment: Payment, payee: str) -> int:
+        """What the payment's transaction moved from its payer to ``payee``, in wei.
+
+        Raises
+        ------
+        PaymentError
+            If the transaction is not on chain or reverted.
+        """
         token = self._contract()
         try:
             receipt = token.w3.eth.get_transaction_receipt(payment.tx_hash)
@@ -41,9 +45,5 @@ class PaymentCheck:
             raise PaymentError(f"transaction {payment.tx_hash} not found on chain: {e}") from e
         if receipt["status"] != 1:
             raise PaymentError(f"transaction {payment.tx_hash} reverted")
-        moved = sum(t.value_wei for t in token_transfers(token, receipt)
-                    if t.receiver == payee and t.sender == payment.payer_addr)
-        amount = from_wei(moved)
-        if amount < payment.amount:
-            raise PaymentError(f"transaction {payment.tx_hash} moved {amount} to us, not {payment.amount}")
-        return amount
+        return sum(t.value_wei for t in token_transfers(token, receipt)
+                   if t.receiver == payee and t.sender == payment.payer_addr)
