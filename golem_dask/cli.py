@@ -60,29 +60,70 @@ def ledger(path: str | None, as_json: bool) -> int:
     return 0
 
 
-def pay() -> int:
-    """Settle every owed debt of the configured requestor; exit 1 if any is left."""
+def pay(hub_url: str | None = None, wait_s: float = 60.0) -> int:
+    """Settle what the configured requestor owes; exit 1 if any debt is left.
+
+    First what the ledger says was accepted but not paid (a requestor that stopped before
+    its invoices arrived); with ``hub_url``, then the invoices providers re-send there for
+    the agreements still open, checked against the terms the requestor signed.
+    """
     import asyncio
 
     from golem_dask.errors import GolemDaskError
-    from golem_dask.payment.ethereum import EthereumPayer
+    from golem_dask.payment.factory import payer_from_config
+    from golem_dask.payment.commitments import close_settled
+    from golem_dask.payment.recovery import Recovery
+
+    before: set[str] = set()
+
+    async def run() -> Recovery:
+        payer = payer_from_config()
+        before.update(r.id for r in payer.ledger.payments())
+        market = None
+        if hub_url:
+            from golem_dask.market.hub_market import HubMarket
+
+            market = HubMarket(hub_url, payer.wallet)
+        try:
+            recovery = Recovery(payer, market)
+            if market is not None:
+                await market.start()
+            await recovery.pay_accepted()
+            await recovery.answer_invoices(wait_s)
+            await payer.settle()
+            close_settled(recovery.book, payer.address)
+            return recovery
+        finally:
+            if market is not None:
+                await market.close()
 
     try:
-        payer = EthereumPayer.from_config()
-        done = asyncio.run(payer.settle())
+        recovery = asyncio.run(run())
     except GolemDaskError as e:
         print(f"golem-dask pay: {e}", file=sys.stderr)
         return 1
-    for record in done:
+    payer, report = recovery.payer, recovery.report
+    for document in report.recovered:
+        print(f"paid what was accepted before the requestor stopped: {document}")
+    for invoice in report.invoices_paid:
+        print(f"invoice {invoice} answered and paid")
+    for invoice, reason in report.invoices_rejected.items():
+        print(f"invoice {invoice} rejected: {reason}")
+    confirmed = [r for r in payer.ledger.payments() if r.status == "confirmed" and r.id not in before]
+    for record in confirmed:
         print(f"{record.kind} nonce {record.nonce}: {len(record.debt_ids)} debts paid in {record.confirmed_hash}")
     left = payer.owed()
     for debt in left:
         print(f"still owed: {debt.amount} GLM to {debt.payee} (invoice {debt.invoice_id}, {debt.status})")
-    print(f"{len(done)} payments confirmed; {len(left)} debts still owed")
+    still_open = recovery.book.open_agreements(payer.address)
+    for agreement, _ in still_open:
+        print(f"agreement {agreement.id} with {agreement.provider_id} has no invoice yet"
+              + ("" if hub_url else " (run with --hub to receive it)"))
+    print(f"{len(confirmed)} payments confirmed; {len(left)} debts still owed; {len(still_open)} agreements still open")
     return 1 if left else 0
 
 
-def hub(listen: str) -> int:
+def hub(listen: str, data_dir: str | None = None) -> int:
     """Run a hub until interrupted."""
     import asyncio
     import logging
@@ -91,7 +132,7 @@ def hub(listen: str) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, _, port = listen.rpartition(":")
-    server = HubServer(host or "127.0.0.1", int(port))
+    server = HubServer(host or "127.0.0.1", int(port), data_dir=data_dir)
 
     async def run() -> None:
         await server.start()
@@ -105,10 +146,41 @@ def hub(listen: str) -> int:
     return 0
 
 
+def provider_isolation(runtime: str, network: str) -> list[str]:
+    """What ``golem-dask provider`` tells its operator it cannot keep from strangers' workers."""
+    import os
+
+    if runtime == "process":
+        import getpass
+
+        return [
+            "WARNING: --runtime process does not isolate strangers' workers from this machine:",
+            f"  - they run as this daemon's user ({getpass.getuser()}, uid {os.geteuid()}) and can read and write "
+            "whatever it can",
+            "  - they see this machine's whole filesystem, processes and network (loopback services, the LAN, "
+            "cloud metadata at 169.254.169.254)",
+            "  - no memory, process-count or disk limits beyond dask's own --memory-limit",
+            "  - their environment is scrubbed (PATH, locale, HOME and TMPDIR in the working directory, "
+            "thread-pool sizes): the wallet key and golem-dask's settings are not in it",
+            "  Use --runtime docker (the default) to sell to strangers.",
+        ]
+    lines = ["containers run as a non-root user with every capability dropped, no-new-privileges, "
+             "a pids limit and the agreed memory without swap"]
+    if network == "host":
+        lines.append("WARNING: --docker-network host: workers share this machine's network, its loopback services "
+                     "included; the default is bridge")
+    else:
+        lines.append(f"containers are on docker network {network!r}: they cannot reach this machine's loopback, "
+                     "but can reach its LAN and cloud metadata (169.254.169.254) unless a firewall rule "
+                     "(DOCKER-USER chain) blocks them")
+    return lines
+
+
 def provider(args: argparse.Namespace) -> int:
     """Run a provider daemon until interrupted."""
     import asyncio
     import logging
+    import os
     from pathlib import Path
 
     from golem_dask import config
@@ -118,7 +190,14 @@ def provider(args: argparse.Namespace) -> int:
     from golem_dask.provider.daemon import ProviderDaemon
     from golem_dask.provider.factory import make_runtime, provider_settings
     from golem_dask.provider.payment_check import PaymentCheck
+    from golem_dask.provider.receivables import Receivables
+    from golem_dask.provider.runtime.policy import TransferPolicy
 
+    if args.runtime == "process" and not args.allow_unisolated_process:
+        print("golem-dask provider: --runtime process runs strangers' code as this user, with this machine's files, "
+              "network and environment; it sells only with --allow-unisolated-process. "
+              "Use --runtime docker (the default) to isolate workers in containers.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         if args.key_file:
@@ -129,15 +208,22 @@ def provider(args: argparse.Namespace) -> int:
                  "price-per-cpu-hour": args.price_per_cpu_hour, "price-per-hour": args.price_per_hour,
                  "start-price": args.start_price}
         settings = provider_settings(entry, config.get("payment.platform"))
-        agent = ProviderAgent(settings, make_runtime(args.runtime, args.name), wallet)
+        policy = TransferPolicy.strict(args.allow_scheme, True if args.allow_private_addresses else None)
+        runtime = make_runtime(args.runtime, args.name, policy=policy, network=args.docker_network)
+        agent = ProviderAgent(settings, runtime, wallet)
         rpc = args.rpc_url or config.get("payment.rpc-url")
         token = config.address("payment.token-address", args.token_address)
         check = PaymentCheck(rpc, str(token)) if rpc and token else None
-        daemon = ProviderDaemon(agent, wallet, args.hub, check)
+        data_dir = Path(os.path.expanduser(args.data_dir or config.get("provider.data-dir")))
+        receivables = Receivables(data_dir / f"receivables-{wallet.address}.sqlite")
+        daemon = ProviderDaemon(agent, wallet, args.hub, check, receivables)
     except (GolemDaskError, OSError) as e:
         print(f"golem-dask provider: {e}", file=sys.stderr)
         return 1
     print(f"provider {args.name} at {wallet.address}", flush=True)
+    print(f"runtime {args.runtime}; {policy.describe()}", flush=True)
+    for line in provider_isolation(args.runtime, args.docker_network):
+        print(line, flush=True)
     try:
         asyncio.run(daemon.run_forever())
     except KeyboardInterrupt:
@@ -162,16 +248,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     led = sub.add_parser("ledger", help="list debts and payments from the durable ledger")
     led.add_argument("--json", action="store_true", help="print JSON instead of a table")
     led.add_argument("--path", help="ledger file (default: <golem.payment.data-dir>/ledger.sqlite)")
-    sub.add_parser("pay", help="reconcile with the chain and pay every debt still owed (golem.payment.* config)")
+    pay_parser = sub.add_parser("pay", help="reconcile with the chain and pay every debt still owed (golem.payment.* "
+                                            "config), also what a stopped requestor accepted")
+    pay_parser.add_argument("--hub", help="tcp://HOST:PORT: also answer the invoices providers re-send there")
+    pay_parser.add_argument("--wait", default="60s", help="how long to wait for re-sent invoices (default 60s)")
     h = sub.add_parser("hub", help="run a market hub")
     h.add_argument("--listen", default="127.0.0.1:7465", help="HOST:PORT (default 127.0.0.1:7465)")
+    h.add_argument("--data-dir", help="where pushes for peers that are away are kept (default: golem.hub.data-dir)")
     pr = sub.add_parser("provider", help="sell this machine through a hub")
     pr.add_argument("--hub", required=True, help="tcp://HOST:PORT")
     pr.add_argument("--name", default="provider")
     pr.add_argument("--cpu", type=int, help="threads to sell (default: all cores)")
     pr.add_argument("--memory", help="memory to sell, e.g. 8GiB (default: 80%% of this machine)")
     pr.add_argument("--storage", default="10GiB")
-    pr.add_argument("--runtime", default="process", choices=["process", "docker"])
+    pr.add_argument("--runtime", default="docker", choices=["process", "docker"],
+                    help="docker (default): each worker in a hardened container; process: a child process of "
+                    "this daemon, unisolated (needs --allow-unisolated-process)")
+    pr.add_argument("--allow-unisolated-process", action="store_true",
+                    help="sell --runtime process to strangers: their code runs as this user, sees this machine")
+    pr.add_argument("--docker-network", default="bridge",
+                    help="docker network of the containers (default: bridge; host shares this machine's network)")
+    pr.add_argument("--allow-scheme", action="append", default=[], metavar="SCHEME",
+                    help="also allow transfers with this fsspec protocol (repeatable; default: "
+                    "golem.provider.transfer-schemes; never file)")
+    pr.add_argument("--allow-private-addresses", action="store_true",
+                    help="allow transfers to private, loopback and link-local addresses "
+                    "(golem.provider.allow-private-addresses)")
     pr.add_argument("--price-per-cpu-hour", default="0.1")
     pr.add_argument("--price-per-hour", default="0.02")
     pr.add_argument("--start-price", default="0")
@@ -180,15 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--key-file", help="file holding the wallet key (hex)")
     pr.add_argument("--rpc-url", help="chain to verify payments on (default: golem.payment.rpc-url)")
     pr.add_argument("--token-address", help="token to verify payments in (default: golem.payment.token-address)")
+    pr.add_argument("--data-dir", help="where invoices wait to be paid (default: golem.provider.data-dir)")
     args = parser.parse_args(argv)
     if args.command == "hub":
-        return hub(args.listen)
+        return hub(args.listen, args.data_dir)
     if args.command == "provider":
         return provider(args)
     if args.command == "ledger":
         return ledger(args.path, args.json)
     if args.command == "pay":
-        return pay()
+        from dask.utils import parse_timedelta
+
+        return pay(args.hub, float(parse_timedelta(args.wait, default="s")))
     if args.command == "image":
         from golem_dask.image import build
 
