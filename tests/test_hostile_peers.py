@@ -9,6 +9,7 @@ Nothing is written where it must not be, nothing is paid wrongly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import sqlite3
@@ -358,3 +359,102 @@ def test_a_provider_cannot_send_nan_usage(anvil, tmp_path):  # noqa: F811
         received = received[4 + size:]
     assert notices[0] == {"hub": notices[0]["hub"]}  # welcome
     assert any("non-finite" in str(n.get("reason")) for n in notices[1:]), notices
+
+
+# -- what the hub sees ------------------------------------------------------------------------------
+
+
+class RecordingProxy:
+    """A TCP relay in front of the hub that keeps every byte both ways: the hub's view."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.seen = bytearray()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any) -> None:
+        try:
+            while chunk := source.recv(65536):
+                with self._lock:
+                    self.seen += chunk
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_the_hub_sees_no_secret(anvil, tmp_path):  # noqa: F811
+    import http.server
+    import threading
+
+    marker = "s3cr3t-" + os.urandom(8).hex()
+    headers: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            headers.append(self.headers.get("X-Secret", ""))
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "data.txt").write_text("41")
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    token = "t0k3n-" + os.urandom(8).hex()  # as in a presigned URL
+    url = f"http://127.0.0.1:{web.server_address[1]}/data.txt?token={token}"
+    try:
+        with fleet(anvil, tmp_path, {}) as f, requestor(anvil, tmp_path):
+            f.start_provider("p", "0.1", extra=("--allow-private-addresses",))
+            proxy = RecordingProxy((f.host, f.port))
+            try:
+                with GolemCluster(n_workers=1, market=proxy.url, budget="2", inputs={url: "/golem/input/data.txt"},
+                                  storage_options={"http": {"headers": {"X-Secret": marker}}}) as cluster:
+                    assert cluster.scheduler_address.startswith("tls://")
+                    with Client(cluster) as client:
+                        value = client.submit(lambda: int(open("input/data.txt").read()) + 1).result()
+            finally:
+                proxy.close()
+    finally:
+        web.shutdown()
+    assert value == 42
+    assert headers and set(headers) == {marker}  # the provider had the secret, and used it
+    seen = bytes(proxy.seen)
+    assert len(seen) > 10_000  # the whole exchange went through the proxy
+    # Neither the credential, nor the URL's token, nor the worker's TLS key (sent as a
+    # base64 data: URL): the hub forwards only ciphertext of every transfer.  (The
+    # provider's answer names what it copied, without credentials or query.)
+    pem_key = base64.b64encode(b"-----BEGIN PRIVATE KEY-----")[:32]
+    for needle in (marker.encode(), token.encode(), pem_key, b"data:application/octet-stream", b"X-Secret"):
+        assert needle not in seen, needle

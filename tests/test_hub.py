@@ -7,13 +7,14 @@ checking on chain that it was paid.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 from distributed import Client
 
 from anvil_support import anvil  # noqa: F401
-from fleet_support import fleet, kill_machine, requestor, wait_until
+from fleet_support import fleet, kill_machine, requestor, stop, wait_until
 from golem_dask import GolemCluster
 from test_payment_durability import balance
 
@@ -83,3 +84,37 @@ def test_hub_restart_mid_job(anvil, tmp_path):
         assert len(bill.entries) == 2 and {e.status for e in bill.entries} == {"paid"}
         for e in bill.entries:
             assert balance(anvil, e.provider) == e.amount
+
+
+def test_a_provider_stopped_mid_job_is_paid_its_invoice(anvil, tmp_path):
+    """SIGINT to a provider daemon while its worker runs: it ends its agreement, invoices and
+    leaves; the requestor cannot tell it that it accepts, and pays it anyway."""
+    with fleet(anvil, tmp_path, {"p1": "0.1", "p2": "0.1"}) as f, requestor(anvil, tmp_path):
+        with GolemCluster(n_workers=1, market=f.url, budget="2") as cluster:
+            with Client(cluster) as client:
+                (worker,) = cluster.workers.values()
+                leaving = next(name for name, (_, a, _) in f.providers.items()
+                               if a == worker.deal.agreement.provider_id)
+                futures = client.map(lambda i: time.sleep(0.05) or i, range(100))
+                time.sleep(1)
+                stop(f.providers[leaving][0], signal.SIGINT)
+                assert sorted(client.gather(futures)) == list(range(100))
+        bill = cluster.bill()
+    address = f.providers[leaving][1]
+    (entry,) = [e for e in bill.entries if e.provider == address]
+    assert entry.status == "paid" and entry.amount > 0, entry
+    assert balance(anvil, address) == entry.amount
+    assert "provider shutting down" in f.log(leaving) or "invoiced" in f.log(leaving)
+
+
+def test_a_requestor_needs_neither_docker_nor_the_image_for_docker_providers() -> None:
+    """Only providers run the image: the requestor's constructor probes nothing of docker
+    (it used to refuse: "image ... is not on this machine")."""
+    import asyncio
+
+    async def main() -> tuple[str | None, str | None]:
+        cluster = GolemCluster(market="tcp://127.0.0.1:9", runtime="docker", image="golem-dask-worker:not-here",
+                               asynchronous=True)
+        return cluster.runtime, cluster.spec.image
+
+    assert asyncio.run(main()) == ("docker", "golem-dask-worker:not-here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -137,3 +138,43 @@ def test_messages_are_frozen() -> None:
         offer.provider_id = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
         offer.properties["golem.x"] = 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "sNaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_at_decoding(bad: str) -> None:
+    import msgpack
+
+    decimal = msgpack.ExtType(1, bad.encode())
+    note = msgpack.ExtType(2, msgpack.packb(["DebitNote", ["a", "b", {P.USAGE_CPU_SEC: decimal}, decimal, ADDR, ADDR,
+                                                           "id", 0]], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="non-finite"):
+        decode(msgpack.packb(note))
+    with pytest.raises(ProtocolError, match="non-finite"):
+        decode(msgpack.packb({"price": float(bad.lstrip("s"))}))
+
+
+@pytest.mark.parametrize("field", ["usage", "amount"])
+def test_negative_amounts_and_usage_are_refused_at_decoding(field: str) -> None:
+    usage = {P.USAGE_CPU_SEC: Decimal("-1") if field == "usage" else Decimal(1)}
+    amount = Decimal("-0.5") if field == "amount" else Decimal("0.5")
+    for cls, args in ((DebitNote, ("a", "b", usage, amount, ADDR, ADDR)),
+                      (Invoice, ("a", ["b"], usage, amount, ADDR, ADDR, ADDR, ADDR, "p"))):
+        with pytest.raises(ValueError, match="finite amount >= 0"):
+            cls(*args)
+        # The same values sent by a stranger who bypassed the constructor:
+        fields = list(args) + ["id", 0]
+        raw = msgpack.packb(msgpack.ExtType(2, msgpack.packb([cls.__name__, fields], default=_raw_default,
+                                                             use_bin_type=True)), use_bin_type=True)
+        with pytest.raises(ProtocolError, match="finite amount >= 0"):
+            decode(raw)
+    assert Payment(ADDR, ADDR, Decimal(0), "p", (), "0x").amount == 0
+    with pytest.raises(ValueError):
+        Payment(ADDR, ADDR, Decimal(-1), "p", (), "0x")
+
+
+def _raw_default(obj: object) -> object:
+    import msgpack
+
+    if isinstance(obj, Decimal):
+        return msgpack.ExtType(1, str(obj).encode())
+    raise TypeError(obj)
