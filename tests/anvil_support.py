@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,20 +33,28 @@ def anvil_binary() -> Path:
         pytest.skip(str(e))
 
 
-@pytest.fixture
-def anvil() -> Iterator[AnvilNode]:
-    """A fresh anvil chain with the shipped contracts deployed.
+@contextmanager
+def running_anvil(host: str = "127.0.0.1") -> Iterator[AnvilNode]:
+    """A fresh anvil chain listening on ``host``, the shipped contracts deployed.
 
-    Function scoped: a start costs about 0.1 s and every test gets its own chain, so
-    tests that restart the node or move funds cannot affect each other.
-
-    ``node.contracts`` is ``{"token": address, "batch": address or None}``; the
-    deployer (and the token's minter) is ``node.accounts[0]``.
+    ``node.contracts`` is ``{"token": address, "batch": address or None}``; the deployer
+    (and the token's minter) is ``node.accounts[0]``.
     """
-    node = AnvilNode(binary=anvil_binary())
+    node = AnvilNode(binary=anvil_binary(), host=host)
     try:
         node.start()
         node.contracts = deploy_contracts(node.web3(), node.accounts[0])
         yield node
     finally:
         node.close()
+
+
+@pytest.fixture
+def anvil() -> Iterator[AnvilNode]:
+    """A fresh anvil chain on loopback (:func:`running_anvil`).
+
+    Function scoped: a start costs about 0.1 s and every test gets its own chain, so
+    tests that restart the node or move funds cannot affect each other.
+    """
+    with running_anvil() as node:
+        yield node

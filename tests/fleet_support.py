@@ -141,3 +141,20 @@ def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
     raise TimeoutError(f"{what} did not happen within {timeout}s")
 
 
+
+
+def provider_banner(args: list[str], env: dict[str, str], until: str) -> str:
+    """What ``golem-dask provider ARGS`` prints until a line holding ``until`` (or it exits)."""
+    proc = subprocess.Popen([sys.executable, "-m", "golem_dask.cli", "provider", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if until in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return "".join(lines)

@@ -16,16 +16,15 @@ import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from distributed import Client
 
-from anvil_support import anvil_binary
+from anvil_support import running_anvil
 from fleet_support import fleet, requestor, wait_until
 from golem_dask import GolemCluster
 from golem_dask.chain.anvil import AnvilNode
-from golem_dask.chain.deploy import deploy_contracts, fund
+from golem_dask.chain.deploy import fund
 from golem_dask.protocol.identity import Wallet
 from netns_support import FarHost, far_host  # noqa: F401
 from test_payment_durability import balance, chain_config, transfers_to
@@ -36,13 +35,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def chain(far_host: FarHost) -> Iterator[AnvilNode]:  # noqa: F811
     """anvil on this machine's end of the link, where the far provider checks its payments."""
-    node = AnvilNode(binary=anvil_binary(), host=far_host.host_ip)
-    try:
-        node.start()
-        node.contracts = deploy_contracts(node.web3(), node.accounts[0])
+    with running_anvil(far_host.host_ip) as node:
         yield node
-    finally:
-        node.close()
 
 
 def invoiced(log: str) -> list[Decimal]:

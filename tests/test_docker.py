@@ -446,24 +446,12 @@ def test_links_a_worker_makes_in_its_container_are_never_followed(docker_client,
 
 
 def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path):
+    from fleet_support import provider_banner
     from net_support import free_port
 
     env = {**__import__("os").environ, "GOLEM_DASK_PROVIDER_KEY": "0x" + "cd" * 32,
            "DASK_GOLEM__PROVIDER__DATA_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "golem_dask.cli", "provider", "--hub",
-                             f"tcp://127.0.0.1:{free_port()}"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "docker network" in line:
-                break
-    finally:
-        proc.kill()
-        proc.wait()
-    text = "".join(lines)
+    text = provider_banner(["--hub", f"tcp://127.0.0.1:{free_port()}"], env, until="docker network")
     assert "runtime docker; transfers: az, data, gs, http, https, s3; local files refused; private, loopback " \
            "and link-local addresses refused" in text
     assert "non-root user with every capability dropped" in text and "docker network 'bridge'" in text

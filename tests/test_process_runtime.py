@@ -174,24 +174,12 @@ def test_the_daemon_refuses_the_process_runtime_without_the_explicit_flag(capsys
 
 
 def test_the_daemon_says_what_the_process_runtime_cannot_isolate(tmp_path: Path) -> None:
+    from fleet_support import provider_banner
     from net_support import free_port
 
     env = {**os.environ, "GOLEM_DASK_PROVIDER_KEY": PROVIDER_KEY, "DASK_GOLEM__PROVIDER__DATA_DIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "golem_dask.cli", "provider", "--hub", f"tcp://127.0.0.1:{free_port()}",
-         "--runtime", "process", "--allow-unisolated-process", "--allow-scheme", "ftp"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "Use --runtime docker" in line:
-                break
-    finally:
-        proc.kill()
-        proc.wait()
-    text = "".join(lines)
+    text = provider_banner(["--hub", f"tcp://127.0.0.1:{free_port()}", "--runtime", "process",
+                            "--allow-unisolated-process", "--allow-scheme", "ftp"], env, until="Use --runtime docker")
     assert "does not isolate" in text and "as this daemon's user" in text and "whole filesystem" in text
     assert "no memory, process-count" in text and "environment is scrubbed" in text
     assert "transfers: az, data, ftp, gs, http, https, s3; local files refused" in text

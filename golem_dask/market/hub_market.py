@@ -123,6 +123,10 @@ class HubMarket(RelayMarket):
     def _on_event(self, payload: dict[str, Any]) -> None:
         if "gone" in payload:
             gone = str(payload["gone"])
+            # Calls it will never answer fail now, not at their timeout.
+            for fut in self._waiting.values():
+                if getattr(fut, "provider", None) == gone and not fut.done():
+                    fut.set_exception(NetworkError(f"provider {gone} disconnected from the hub"))
             for activity_id, provider in list(self._activity_provider.items()):
                 history = self._activity_history.get(activity_id, [])
                 if provider == gone and not any(h.state in FINAL_STATES for h in history):

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from golem_dask.errors import MarketError
+from golem_dask.store import open_database
 from golem_dask.protocol.identity import checksum_address
 
 logger = logging.getLogger(__name__)
@@ -108,19 +109,11 @@ class OfflineStore:
     def _open(self) -> sqlite3.Connection:
         if self._db is not None:
             return self._db
-        try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # Opened by whoever builds the hub, used on its event loop: one user at a time.
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            # Committed pushes survive the hub process dying (not the machine losing power)
-            # without an fsync per push that a flooding sender could make the hub wait on.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as e:
-            raise MarketError(f"cannot open the hub's offline store {self.path}: {e}; "
-                              "check golem.hub.data-dir (golem-dask hub --data-dir)") from e
+        # Opened by whoever builds the hub, used on its event loop: one user at a time.
+        # Committed pushes survive the hub process dying (not the machine losing power)
+        # without an fsync per push that a flooding sender could make the hub wait on.
+        db = open_database(self.path, _SCHEMA, "the hub's offline store", MarketError, synchronous="NORMAL",
+                           hint="check golem.hub.data-dir (golem-dask hub --data-dir)")
         self._db = db
         self._recount()
         return db

@@ -16,8 +16,6 @@ once broadcast anyway.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -27,6 +25,7 @@ from typing import Any
 from golem_dask.errors import PaymentError
 from golem_dask.chain.units import from_wei
 from golem_dask.protocol.messages import new_id, now_ms
+from golem_dask.store import Database
 
 OWED, PAYING, PAID = "owed", "paying", "paid"
 SIGNED, SENT, CONFIRMED, FAILED = "signed", "sent", "confirmed", "failed"
@@ -124,47 +123,16 @@ class Ledger:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise PaymentError(f"cannot open the payment ledger {self.path}: {e}") from e
-        self._lock = threading.RLock()
+        self._store = Database(path, _SCHEMA, "the payment ledger", PaymentError)
+        self.path = self._store.path
+        self.transaction = self._store.transaction
+        self.query = self._store.query
 
     def __repr__(self) -> str:
         return f"<Ledger {self.path}>"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def transaction(self) -> Any:
-        """``with ledger.transaction() as db:``: one atomic, durable write (BEGIN IMMEDIATE)."""
-        ledger = self
-
-        class _Tx:
-            def __enter__(self) -> sqlite3.Connection:
-                ledger._lock.acquire()
-                ledger._db.execute("BEGIN IMMEDIATE")
-                return ledger._db
-
-            def __exit__(self, exc_type: Any, *_: Any) -> None:
-                try:
-                    ledger._db.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    ledger._lock.release()
-
-        return _Tx()
-
-    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one read."""
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+        self._store.close()
 
     # -- debts ------------------------------------------------------------------------
 

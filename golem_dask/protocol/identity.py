@@ -18,6 +18,7 @@ uses coincurve (libsecp256k1) when it is installed, else eth_keys' pure-Python b
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -136,8 +137,10 @@ def signer_of(digest: bytes, signature: bytes) -> str:
     >>> signer_of(b"\x01" * 32, wallet.sign_message_hash(b"\x01" * 32)) == wallet.address
     True
     """
-    if not isinstance(signature, bytes | bytearray) or len(signature) != 65:
-        raise ProtocolError(f"bad signature: expected 65 bytes, got {len(signature) if isinstance(signature, bytes | bytearray) else type(signature).__name__}")
+    if not isinstance(signature, bytes | bytearray):
+        raise ProtocolError(f"bad signature: {type(signature).__name__}, expected 65 bytes")
+    if len(signature) != 65:
+        raise ProtocolError(f"bad signature: {len(signature)} bytes, expected 65")
     v = signature[64]
     if v not in (27, 28):
         raise ProtocolError(f"bad signature: v is {v}, expected 27 or 28")
@@ -148,9 +151,13 @@ def signer_of(digest: bytes, signature: bytes) -> str:
     if not 0 < s <= _SECP256K1_N // 2:
         raise ProtocolError("bad signature: s out of range (not low-s)")
     try:
-        return checksum_address(recover_address(bytes(digest), bytes(signature[:64]), v - 27))
+        return _checksum_of(recover_address(bytes(digest), bytes(signature[:64]), v - 27))
     except Exception:  # the backends raise several kinds on unrecoverable signatures
         raise ProtocolError("bad signature: no public key recovers from it") from None
+
+
+def _checksum_of(address: bytes) -> str:
+    return _cached_checksum(bytes(address))
 
 
 def address_of(public_key: bytes) -> str:
@@ -515,3 +522,7 @@ class Wallet:
 
     def __hash__(self) -> int:
         return hash(self._address)
+
+
+#: Senders repeat: their checksums are kept (a keccak each, on every verified message).
+_cached_checksum = functools.lru_cache(maxsize=1 << 14)(checksum_address)

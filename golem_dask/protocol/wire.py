@@ -15,7 +15,6 @@ Signatures are made and recovered by :mod:`golem_dask.protocol.identity`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import heapq
 import math
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from golem_dask.errors import ProtocolError
-from golem_dask.protocol.identity import checksum_address, keccak256, recover_address
+from golem_dask.protocol.identity import keccak256, signer_of
 from golem_dask.protocol.messages import MESSAGE_TYPES
 from golem_dask.protocol.messages import now_ms as _clock_ms
 
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     from golem_dask.protocol.identity import Wallet
 
 #: The EIP-55 spelling of a recovered 20-byte signer (a keccak each): a peer signs many frames.
-_checksum = functools.lru_cache(maxsize=1 << 14)(checksum_address)
 
 _EXT_DECIMAL = 1
 _EXT_MESSAGE = 2
@@ -153,7 +151,6 @@ MAX_FRAME_BYTES = 1 << 20
 #: Signed digests start with this, so an envelope signature can never be a transaction's.
 _DOMAIN = b"golem-dask envelope\x00"
 _HEADER_BYTES = 4
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _FIELD_NAMES = ("version", "kind", "sender", "nonce", "timestamp_ms", "body", "signature")
@@ -346,28 +343,11 @@ def verify(envelope: Envelope) -> Any:
     if _NONCE.fullmatch(envelope.nonce) is None:
         raise ProtocolError(f"malformed envelope: nonce {_short(envelope.nonce)} is not "
                             "32 lowercase hex digits")
-    signature = envelope.signature
-    if len(signature) != 65:
-        raise ProtocolError(f"bad signature: {len(signature)} bytes, expected 65")
-    v = signature[64]
-    if v not in (27, 28):
-        raise ProtocolError(f"bad signature: v is {v}, expected 27 or 28")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:64], "big")
-    if not 0 < r < _SECP256K1_N:
-        raise ProtocolError("bad signature: r out of range")
-    if not 0 < s <= _SECP256K1_N // 2:
-        # High s would make a second valid signature from every valid one (EIP-2).
-        raise ProtocolError("bad signature: s out of range (not low-s)")
     try:
         digest = envelope.digest()
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"malformed envelope: {type(e).__name__}: {_short(str(e))}") from None
-    try:
-        signer = recover_address(digest, signature[:64], v - 27)
-    except Exception:  # the backends raise several kinds on unrecoverable signatures
-        raise ProtocolError("bad signature: no public key recovers from it") from None
-    expected = _checksum(bytes(signer))
+    expected = signer_of(digest, envelope.signature)
     if expected != sender:
         if expected.lower() == sender.lower():
             raise ProtocolError(f"bad signature: sender {sender} is not checksummed (expected {expected})")

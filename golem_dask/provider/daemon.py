@@ -57,6 +57,7 @@ class ProviderDaemon:
         self.payment_check = payment_check
         self._receivables = receivables
         self._crediting = asyncio.Lock()
+        self._closing = False
         self.verified: list[tuple[str, Decimal]] = []
         self._outbox: collections.deque[tuple[str, Any]] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -104,6 +105,7 @@ class ProviderDaemon:
         logger.info("provider %s selling %s on %s", self.agent.settings.name, self.agent.settings.capacity, self.link.url)
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -165,7 +167,12 @@ class ProviderDaemon:
     # -- requestors' calls ----------------------------------------------------------------
 
     async def _on_message(self, envelope: wire.Envelope, payload: Any) -> None:
-        if envelope.kind == "call" and isinstance(payload, dict):
+        if envelope.kind == "call" and isinstance(payload, dict) and self._closing:
+            with contextlib.suppress(NetworkError):
+                await self.link.send("reply", {"to": envelope.sender, "call_id": payload.get("call_id"), "ok": False,
+                                               "error": f"provider {self.agent.settings.name} is shutting down",
+                                               "error_type": "MarketError"})
+        elif envelope.kind == "call" and isinstance(payload, dict):
             # Calls may take long (an exe-script): never block the link's reader.
             self._spawn(self._answer(envelope.sender, payload), f"call-{payload.get('method')}")
         elif envelope.kind == "error":
@@ -208,6 +215,13 @@ class ProviderDaemon:
         except (GolemDaskError, TypeError, ValueError, KeyError) as e:
             kind = next((name for name, cls in REMOTE_ERRORS.items() if isinstance(e, cls)), "MarketError")
             reply.update(ok=False, error=str(e), error_type=kind)
+        except asyncio.CancelledError:
+            # Shutting down: the caller gets an answer now rather than wait for its timeout.
+            reply.update(ok=False, error=f"provider {self.agent.settings.name} is shutting down",
+                         error_type="MarketError")
+            with contextlib.suppress(NetworkError):
+                await self.link.send("reply", reply)
+            raise
         with contextlib.suppress(NetworkError):
             await self.link.send("reply", reply)
 

@@ -10,9 +10,6 @@ several invoices beyond its amount, nor be announced twice.
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +18,7 @@ from golem_dask.chain.units import from_wei, to_wei
 from golem_dask.errors import PaymentError
 from golem_dask.protocol.messages import Invoice, Payment, now_ms
 from golem_dask.protocol.wire import decode, encode
+from golem_dask.store import Database
 
 UNPAID, PAID, REJECTED = "unpaid", "paid", "rejected"
 
@@ -82,39 +80,16 @@ class Receivables:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise PaymentError(f"cannot open the provider's receivables {self.path}: {e}") from e
-        self._lock = threading.RLock()
+        self._store = Database(path, _SCHEMA, "the provider's receivables", PaymentError)
+        self.path = self._store.path
+        self._transaction = self._store.transaction
+        self._rows = self._store.query
 
     def __repr__(self) -> str:
         return f"<Receivables {self.path}>"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+        self._store.close()
 
     def add(self, invoice: Invoice) -> None:
         """Keep an invoice just sent (once)."""

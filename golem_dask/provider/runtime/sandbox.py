@@ -111,14 +111,7 @@ def open_dir(root: Path, parts: Sequence[str], path: str, *, create: bool = Fals
                     made = True
                 except FileExistsError:
                     pass
-            try:
-                child = os.open(name, _DIR, dir_fd=fd)
-            except FileNotFoundError:
-                raise TransferError(f"{path} does not exist") from None
-            except OSError as e:
-                if e.errno in _LINK_ERRNOS:
-                    raise _link_refused(path, e) from e
-                raise
+            child = _open_beneath(name, _DIR, fd, path)
             os.close(fd)
             fd = child
             if made and owner is not None:
@@ -129,16 +122,21 @@ def open_dir(root: Path, parts: Sequence[str], path: str, *, create: bool = Fals
         raise
 
 
-def _open_regular(dir_fd: int, name: str, path: str) -> int:
-    """``name`` in ``dir_fd`` opened for reading: a regular file, never through a symlink."""
+def _open_beneath(name: str, flags: int, dir_fd: int, path: str) -> int:
+    """``os.open(name, flags, dir_fd=dir_fd)`` (flags carry O_NOFOLLOW), its failures named by ``path``."""
     try:
-        fd = os.open(name, _READ, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         raise TransferError(f"{path} does not exist") from None
     except OSError as e:
         if e.errno in _LINK_ERRNOS:
             raise _link_refused(path, e) from e
         raise
+
+
+def _open_regular(dir_fd: int, name: str, path: str) -> int:
+    """``name`` in ``dir_fd`` opened for reading: a regular file, never through a symlink."""
+    fd = _open_beneath(name, _READ, dir_fd, path)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SandboxError(f"{path} is not a regular file")
