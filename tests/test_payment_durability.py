@@ -211,6 +211,33 @@ def test_chain_outage_at_close_keeps_the_debt_and_pay_settles_it_once(anvil, tmp
     assert table.returncode == 0 and agent.id in table.stdout and "still owed: 0 GLM" in table.stdout
 
 
+def test_a_replacement_the_original_beat_into_a_block_still_confirms(anvil, tmp_path, monkeypatch):
+    """The stuck transaction is mined just before its replacement reaches the node (which
+    then calls the nonce too low): the payment is the original's, not an error."""
+    from golem_dask.payment.ethereum import EthereumPayer
+    from golem_dask.payment.sender import Sender
+
+    key, _ = funded_requestor(anvil)
+    payee = Wallet.generate().address
+    w3 = anvil.web3()
+    w3.provider.make_request("evm_setAutomine", [False])
+    broadcast = Sender.broadcast
+
+    def mine_first(self, raw, what):
+        if len(self.ledger.payments()[0].tx_hashes) >= 2:  # the replacement: the original lands first
+            w3.provider.make_request("evm_mine", [])
+        return broadcast(self, raw, what)
+
+    monkeypatch.setattr(Sender, "broadcast", mine_first)
+    payer = EthereumPayer(anvil.web3(), wallet=Wallet.from_key(key), token_address=anvil.contracts["token"],
+                          ledger=Ledger(tmp_path / "ledger.sqlite"), replace_after_s=0.5, poll_interval=0.1,
+                          receipt_timeout=60, batch_window_s=0)
+    transfer = asyncio.run(payer.pay(payee, Decimal("0.75"), reference="raced"))
+    (payment,) = payer.ledger.payments()
+    assert transfer.tx_hash == payment.confirmed_hash == payment.tx_hashes[0]
+    assert balance(anvil, payee) == Decimal("0.75")
+
+
 def test_stuck_transaction_is_replaced_with_the_same_nonce(anvil, tmp_path):
     import threading
 

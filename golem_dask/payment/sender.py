@@ -180,7 +180,13 @@ class Sender:
                     hashes.append(tx_hash)
                     logger.warning("%s: transaction stuck for %.0fs; replaced it with %s (same nonce %d, higher fee)",
                                    what, now - replaced_at, tx_hash, nonce)
-                    self.broadcast(raw, what)
+                    try:
+                        self.broadcast(raw, what)
+                    except PaymentError:
+                        # Mined meanwhile (the node then calls the nonce too low): the
+                        # receipt of one of our hashes comes next; anything else is an error.
+                        if not self.nonce_used(nonce):
+                            raise
                 replaced_at = now
             time.sleep(self.poll_interval_s)
 
