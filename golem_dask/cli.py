@@ -245,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--tag", help="image tag (default: golem-dask-worker:py<X.Y>-dask<version>)")
     b.add_argument("--base", help="base image with python3 and python3-venv (default: debootstrap bookworm)")
     b.add_argument("--package", action="append", default=[], help="extra package to install (repeatable)")
+    b.add_argument("--gvmi", action="store_true",
+                   help="also convert it to a Golem VM image (GVMI) for market='yagna' (needs mksquashfs)")
+    b.add_argument("--output", help="the GVMI file (default: <tag>.gvmi here)")
+    b.add_argument("--url", help="where the GVMI will be served (a folder URL ending in / or the file's URL), "
+                                 "for the package reference printed")
     led = sub.add_parser("ledger", help="list debts and payments from the durable ledger")
     led.add_argument("--json", action="store_true", help="print JSON instead of a table")
     led.add_argument("--path", help="ledger file (default: <golem.payment.data-dir>/ledger.sqlite)")
@@ -295,9 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return pay(args.hub, float(parse_timedelta(args.wait, default="s")))
     if args.command == "image":
-        from golem_dask.image import build
+        from golem_dask.image import build, build_gvmi
 
-        print(build(args.tag, args.base, args.package))
+        tag = build(args.tag, args.base, args.package)
+        print(tag)
+        if args.gvmi:
+            image = build_gvmi(tag, args.output)
+            reference = image.reference(args.url or "<URL of the file>")
+            print(f"{image.path}\nserve it over HTTP, then: GolemCluster(market='yagna', image='{reference}')")
         return 0
     if args.command == "version":
         from golem_dask import __version__

@@ -8,11 +8,16 @@ index), pinned to the versions this Python runs, and writes them into a label th
 
 Without a base image it makes one: ``debootstrap --variant=minbase`` of Debian bookworm
 (Python 3.11) imported with ``docker import``.
+
+For the Golem network's providers, which run VMs, ``golem-dask image build --gvmi``
+converts the worker image to a GVMI file (:func:`build_gvmi`) and prints the package
+reference a demand carries; the user serves the file over HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -20,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +209,92 @@ def build(tag: str | None = None, base: str | None = None, extra_packages: Seque
         raise ConfigError(f"built {tag} but it runs other versions: {'; '.join(wrong)}")
     log(f"built {tag}: {versions}")
     return tag
+
+
+# -- VM images for the Golem network (GolemCluster(market="yagna")) --------------------
+
+#: The compression Golem's VM runtime reads (it does not read zstd).
+GVMI_COMPRESSION = "lzo"
+
+
+@dataclass(frozen=True)
+class VmImage:
+    """A worker image converted for Golem's VM runtime, and how a demand names it."""
+
+    path: Path
+    sha3: str
+
+    def reference(self, url: str) -> str:
+        """``hash:sha3:<sha3-224>:<url>``, the ``golem.srv.comp.task_package`` of a demand;
+        ``url`` ending in ``/`` is a folder the file is served from."""
+        return f"hash:sha3:{self.sha3}:{url + self.path.name if url.endswith('/') else url}"
+
+
+def build_gvmi(tag: str | None = None, output: Path | None = None, log: Callable[[str], None] = print) -> VmImage:
+    """Convert the docker image ``tag`` (default: this client's worker image) to a GVMI.
+
+    A GVMI is the image's filesystem as squashfs (``mksquashfs``, from squashfs-tools),
+    followed by the image's config as JSON, preceded by its CRC-32 (4 bytes, little endian)
+    and followed by its length (8 decimal digits): what the VM runtime reads.  Needs a
+    Docker engine and root (the files keep their owners).
+    """
+    tag = tag or default_tag()
+    if shutil.which("mksquashfs") is None:
+        raise ConfigError("building a VM image needs mksquashfs: apt-get install squashfs-tools")
+    if not _image_exists(tag):
+        raise ConfigError(f"no docker image {tag}: build it first with 'golem-dask image build'")
+    config = json.loads(_run(["docker", "image", "inspect", tag], log).stdout)[0]["Config"]
+    output = Path(output or f"{tag.replace('/', '-').replace(':', '-')}.gvmi").resolve()
+    container = _run(["docker", "create", tag, "/bin/sh"], log).stdout.strip()
+    try:
+        with tempfile.TemporaryDirectory(prefix="golem-gvmi-") as root:
+            export = subprocess.Popen(["docker", "export", container], stdout=subprocess.PIPE)
+            try:
+                _run(["tar", "-x", "--numeric-owner", "-C", root], log, stdin=export.stdout)
+            finally:
+                if export.stdout is not None:
+                    export.stdout.close()
+                if export.wait() != 0:
+                    raise ConfigError(f"docker export of {tag} failed")
+            _run(["mksquashfs", root, str(output), "-comp", GVMI_COMPRESSION, "-noappend", "-quiet",
+                  "-no-progress"], log)
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+    config["Domainname"] = ""
+    config.pop("User", None)
+    body = json.dumps(config, separators=(",", ":")).encode()
+    with output.open("ab") as f:
+        f.write(zlib.crc32(body).to_bytes(4, "little") + body + f"{len(body):08d}".encode())
+    image = VmImage(output, _sha3_224(output))
+    log(f"built {output} ({output.stat().st_size} bytes) from {tag}")
+    return image
+
+
+def gvmi_config(path: Path) -> dict[str, Any]:
+    """The image config at the end of a GVMI, its CRC checked.
+
+    Raises
+    ------
+    ConfigError
+        If the file ends in no well-formed config.
+    """
+    data = Path(path).read_bytes()
+    try:
+        size = int(data[-8:].decode())
+    except ValueError:
+        raise ConfigError(f"{path} is not a GVMI: it ends in no metadata length") from None
+    if size + 12 > len(data):
+        raise ConfigError(f"{path} is not a GVMI: its metadata length {size} exceeds the file")
+    crc, body = data[-12 - size:-8 - size], data[-8 - size:-8]
+    if zlib.crc32(body).to_bytes(4, "little") != crc:
+        raise ConfigError(f"{path}: the metadata's CRC does not match")
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def _sha3_224(path: Path) -> str:
+    digest = hashlib.sha3_224()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
