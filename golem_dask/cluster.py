@@ -28,7 +28,7 @@ from golem_dask.payment.base import Payer
 from golem_dask.payment.bill import Bill
 from golem_dask.payment.budget import Budget
 from golem_dask.protocol.messages import ExeCommand
-from golem_dask.provider.factory import embedded_agents, plan_runtime
+from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runtime
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
@@ -50,6 +50,13 @@ def make_market(backend: str, payer: Payer, agents: Any) -> Market:
         from golem_dask.market.local import LocalMarket
 
         return LocalMarket(agents())
+    if backend == "yagna":
+        from golem_dask.yagna.market import YagnaMarket
+        from golem_dask.yagna.payer import YagnaPayer
+
+        if not isinstance(payer, YagnaPayer):
+            raise ConfigError("on market='yagna' the daemon pays the providers: pass no payer, or a YagnaPayer")
+        return YagnaMarket(payer.daemon)
     if backend.startswith("tcp://"):
         from golem_dask.market.hub_market import HubMarket
 
@@ -59,8 +66,39 @@ def make_market(backend: str, payer: Payer, agents: Any) -> Market:
         return HubMarket(backend, wallet)
     raise ConfigError(
         f"market={backend!r} is not available; use market='local' (the embedded market), "
-        "'tcp://HOST:PORT' (a golem-dask hub) or pass a Market object"
+        "'tcp://HOST:PORT' (a golem-dask hub), 'yagna' (the public Golem network through a yagna "
+        "daemon) or pass a Market object"
     )
+
+
+def default_payer_for(backend: str | Market, total: Decimal, platform: str) -> Payer:
+    """The payer a cluster uses when given none: the yagna daemon's on its market, else a
+    fresh wallet on the embedded devnet (or the chain ``golem.payment.*`` names)."""
+    if backend == "yagna":
+        from golem_dask.yagna.api import YagnaDaemon
+        from golem_dask.yagna.payer import YagnaPayer
+
+        return YagnaPayer(YagnaDaemon(total, platform))
+    from golem_dask.payment.factory import default_payer
+
+    return default_payer(total, platform)
+
+
+def yagna_plan(runtime: Any, image: str | None) -> RuntimePlan:
+    """What a cluster on the yagna daemon's market asks for: a VM running ``image``.
+
+    Raises
+    ------
+    ConfigError
+        For another runtime, or without a VM image reference.
+    """
+    if runtime not in (None, "vm"):
+        raise ConfigError(f"runtime={runtime!r}: providers on the Golem network run VMs; leave runtime unset")
+    image = config.get("yagna.image", image)
+    if not image or not str(image).startswith("hash:"):
+        raise ConfigError(f"image={image!r}: market='yagna' needs a VM image reference 'hash:sha3:<hash>:<url>'; "
+                          "build one with: golem-dask image build --gvmi")
+    return RuntimePlan("vm", "vm", str(image))
 
 
 def _protocol(url: str) -> str:
@@ -145,7 +183,8 @@ class GolemCluster(SpecCluster):
         Encrypt scheduler-worker traffic (default: for docker workers).
     market:
         ``None``/``"local"`` for the embedded market, ``"tcp://HOST:PORT"`` for a hub,
-        or a :class:`~golem_dask.market.base.Market`.
+        ``"yagna"`` for the Golem network through the user's yagna daemon (``image``
+        is then a VM image reference), or a :class:`~golem_dask.market.base.Market`.
     payer:
         A :class:`~golem_dask.payment.base.Payer`; by default a fresh wallet on the
         embedded Ethereum devnet, funded with ``budget``.
@@ -198,8 +237,11 @@ class GolemCluster(SpecCluster):
         # process, market or chain is started.
         self.events = EventLog()
         backend = backend_of(market)
-        plan = plan_runtime(config.get("demand.runtime", runtime), config.get("demand.image", image),
-                            embedded=backend == "local")
+        if backend == "yagna":
+            plan = yagna_plan(runtime, image)
+        else:
+            plan = plan_runtime(config.get("demand.runtime", runtime), config.get("demand.image", image),
+                                embedded=backend == "local")
         if plan.reason:
             self.events.emit("runtime", plan.reason)
         self.runtime = plan.name
@@ -207,14 +249,11 @@ class GolemCluster(SpecCluster):
             cpu=cpu, memory=memory, storage=storage, runtime=plan.name, image=plan.image, constraints=constraints,
             max_price_per_cpu_hour=max_price_per_cpu_hour, max_price_per_hour=max_price_per_hour,
             max_start_price=max_start_price,
+            platform=config.get("yagna.payment-platform") if backend == "yagna" else None,
         )
         total = config.decimal("payment.budget", budget, "budget")
         assert total is not None
-        if payer is None:
-            from golem_dask.payment.factory import default_payer
-
-            payer = default_payer(total, self.spec.platform)
-        self.payer = payer
+        self.payer = payer = default_payer_for(backend, total, self.spec.platform) if payer is None else payer
         self.market = backend if isinstance(backend, Market) else make_market(
             backend, payer, lambda: embedded_agents(self.spec.platform, runtime=plan.embedded, image=plan.image,
                                                     docker_client=plan.docker_client))

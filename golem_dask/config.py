@@ -41,7 +41,7 @@ def seconds(key: str, override: Any = None) -> float:
     value = get(key, override)
     try:
         return float(dask.utils.parse_timedelta(value, default="s"))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(
             f"golem.{key}={value!r} is not a duration; use e.g. '30s' or '2m'"
         ) from e

@@ -140,6 +140,8 @@ class Rental:
         deal = self.deal = await p.negotiator.acquire(self.name)
         p.accountant.open(deal.agreement, self.name, deal.reservation)
         activity = await p.market.create_activity(deal.agreement.id)
+        if p.market.bills_whole_activity:
+            p.accountant.activity_started(deal.agreement.id)
         self.activity_id = activity.id
         self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
         self._script_sent.set()
@@ -159,7 +161,7 @@ class Rental:
         tokens, options credentials, and the TLS transfers a private key."""
         assert self.deal is not None and self.activity_id is not None
         agreement = self.deal.agreement
-        if not any(c.command == "transfer" for c in script):
+        if not self.parts.market.seals_secrets or not any(c.command == "transfer" for c in script):
             return list(script)
         key = provider_key(agreement)
         aad = activity_aad(agreement.id, self.activity_id)

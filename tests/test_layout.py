@@ -118,6 +118,10 @@ RULES = [
     # Market and provider are siblings: a provider uses the hub link, nothing else of market.
     ("golem_dask.market", ["golem_dask.provider", "golem_dask.payment", "golem_dask.cluster"], []),
     ("golem_dask.provider", ["golem_dask.market"], ["golem_dask.market.link", "golem_dask.market"]),
+    # The yagna backend sits on both seams; only the cluster composes it.
+    ("golem_dask.yagna", ["golem_dask.cluster", "golem_dask.provider", "distributed.deploy"], []),
+    ("golem_dask.market", ["golem_dask.yagna"], []),
+    ("golem_dask.payment", ["golem_dask.yagna"], []),
 ]
 
 

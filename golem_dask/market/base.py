@@ -1,7 +1,8 @@
 """The ``Market`` seam: everything the requestor says to providers.
 
 It mirrors the three parts of Golem's requestor API so that every backend (the
-embedded market, a TCP hub, the ``yagna`` daemon's REST API) plugs in behind it:
+embedded market, a TCP hub, the ``yagna`` daemon's REST API in :mod:`golem_dask.yagna`)
+plugs in behind it:
 
 * market: subscribe a demand, receive matching offers, counter-propose, make, confirm
   and terminate agreements;
@@ -58,6 +59,12 @@ class Market(abc.ABC):
     #: Seconds to keep collecting offers after the first one before choosing; a
     #: backend whose offers all arrive at once (the embedded one) needs none.
     collection_window_s: float = 0.0
+    #: Whether transfers are sealed to the provider's key (golem-dask providers open
+    #: them); a backend whose providers cannot (yagna's VMs) carries them as they are.
+    seals_secrets: bool = True
+    #: Whether providers bill an activity from its creation (VM exe-units do) rather
+    #: than from the worker's start: the requestor's metering starts there too.
+    bills_whole_activity: bool = False
 
     def bind_wallet(self, wallet: Wallet) -> None:  # noqa: B027 - optional hook
         """The requestor's key, for backends that sign agreements themselves.
@@ -153,8 +160,12 @@ class Market(abc.ABC):
         """Accept a debit note or invoice for ``amount``."""
 
     @abc.abstractmethod
-    async def reject(self, document: PaymentDocument, reason: str) -> None:
-        """Reject a debit note or invoice, telling the provider why."""
+    async def reject(self, document: PaymentDocument, reason: str) -> str | None:
+        """Reject a debit note or invoice, telling the provider why.
+
+        Returns a note for the bill when the backend had to do something else (the yagna
+        daemon cannot reject a debit note: its agreement is terminated instead).
+        """
 
     @abc.abstractmethod
     async def notify_payment(self, payment: Payment) -> None:

@@ -72,6 +72,9 @@ class Tolerance:
     relative: Decimal = Decimal("0.25")
     cpu_allowance_sec: Decimal = Decimal(5)
     duration_allowance_sec: Decimal = Decimal(2)
+    #: How far an amount may differ from the exact price of its usage: providers that
+    #: compute in binary floating point (yagna's) differ in the last digits.
+    price_rounding: Decimal = Decimal("1e-12")
 
 
 def _allowed_duration(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
@@ -105,7 +108,7 @@ def check_usage(
     if cpu < 0 or duration < 0:
         return "negative usage"
     expected = account.pricing.cost(usage)
-    if amount != expected:
+    if abs(amount - expected) > expected * tolerance.price_rounding + _ROUNDING_FLOOR:
         return f"amount {amount} is not the agreed price of its usage ({expected})"
     ours = account.duration()
     max_duration = _allowed_duration(account, tolerance)
@@ -120,13 +123,30 @@ def check_usage(
     return None
 
 
-async def _tell(call: Any, what: str) -> None:
+#: Absolute slack on an amount (a thousand wei), for prices near zero.
+_ROUNDING_FLOOR = Decimal("1e-15")
+
+
+def check_amount(amount: Decimal, account: AgreementAccount, tolerance: Tolerance) -> str | None:
+    """Why an invoice that states no usage (the yagna daemon's) asks too much, or ``None``.
+
+    Its amount may be at most what our own metering allows (:func:`max_due`).
+    """
+    most = max_due(account, tolerance)
+    if amount > most + _ROUNDING_FLOOR:
+        return (f"amount {amount} exceeds what our metering allows ({most.normalize()} for "
+                f"{account.duration()}s and {account.observed_cpu_sec} cpu-seconds seen)")
+    return None
+
+
+async def _tell(call: Any, what: str) -> Any:
     """Deliver an answer to a provider, best effort: it may be gone, and what we decided is
     already recorded (a provider re-sends what it has no answer for)."""
     try:
-        await call
+        return await call
     except Exception as e:
         logger.warning("%s failed (the provider may be gone): %s", what, e)
+        return None
 
 
 def max_due(account: AgreementAccount, tolerance: Tolerance) -> Decimal:
@@ -226,7 +246,8 @@ class Accountant:
                 await _tell(market.accept(document, document.total_amount_due), "accepting a debit note")
             else:
                 self._emit("warning", f"rejected debit note from {account.worker}: {reason}")
-                await _tell(market.reject(document, reason), "rejecting a debit note")
+                note = await _tell(market.reject(document, reason), "rejecting a debit note")
+                account.reason = f"rejected debit note {document.id[:8]}: {reason}" + (f"; {note}" if note else "")
             return
         if account.invoice is not None:
             if document.id != account.invoice.id:
@@ -279,8 +300,10 @@ class Accountant:
         account.stopped = account.stopped or time.time()
         if account.started is None and invoice.amount > 0:
             reason: str | None = "the worker never ran: nothing is owed for an activity that failed to start"
-        else:
+        elif invoice.usage:
             reason = check_usage(invoice.usage, invoice.amount, account, self.tolerance)
+        else:
+            reason = check_amount(invoice.amount, account, self.tolerance)
         if reason is None and invoice.payee_addr != account.agreement.provider_id:
             reason = f"payee {invoice.payee_addr} is not the agreement's provider"
         if reason is None and invoice.amount > self.budget.reserved_for(agreement_id):

@@ -1,0 +1,121 @@
+"""Debit notes and invoices through the yagna daemon: received, accepted, rejected.
+
+Accepting a document on the daemon is also the order to pay it: the daemon pays an
+accepted debit note in its next payment cycle and an accepted invoice's remainder after
+that, from the cluster's allocation.  A debit note the daemon cannot reject (0.17
+answers 501) ends its agreement instead, so the provider stops working for nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from golem_dask import config
+from golem_dask.errors import MarketError, NetworkError, ProtocolError
+from golem_dask.market.base import PaymentDocument
+from golem_dask.protocol.messages import DebitNote, Invoice
+from golem_dask.yagna import convert
+from golem_dask.yagna.api import YagnaDaemon, YagnaError, amount_text, iso
+
+logger = logging.getLogger(__name__)
+
+#: (event kind, path of the documents, event naming a received one, id field)
+_KINDS = (
+    ("debitNoteEvents", "debitNotes", "DebitNoteReceivedEvent", "debitNoteId"),
+    ("invoiceEvents", "invoices", "InvoiceReceivedEvent", "invoiceId"),
+)
+
+
+class Documents:
+    """The payment half of :class:`~golem_dask.yagna.market.YagnaMarket`.
+
+    ``usage_vector(agreement_id)`` names a debit note's counters (its agreement's
+    ``golem.com.usage.vector``); ``terminate(agreement_id, reason)`` ends an agreement.
+    """
+
+    def __init__(self, daemon: YagnaDaemon, usage_vector: Callable[[str], list[str]],
+                 terminate: Callable[[str, str], Any]) -> None:
+        self.daemon = daemon
+        self.api = daemon.api
+        self._usage_vector = usage_vector
+        self._terminate = terminate
+        self._queue: asyncio.Queue[PaymentDocument | None] = asyncio.Queue()
+        self._seen: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._pump(*kind), name=f"golem-yagna-{kind[0]}") for kind in _KINDS]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._queue.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[PaymentDocument]:
+        while True:
+            document = await self._queue.get()
+            if document is None:
+                self._queue.put_nowait(None)  # for any other listener
+                return
+            yield document
+
+    async def _pump(self, events: str, path: str, received: str, id_field: str) -> None:
+        after = iso(self.daemon.since)
+        poll = config.seconds("yagna.poll-timeout")
+        while True:
+            try:
+                found = await self.api.call("GET", f"/payment-api/v1/{events}",
+                                            params={"afterTimestamp": after, "timeout": poll, "maxEvents": 100},
+                                            timeout_s=poll + 10)
+            except (NetworkError, YagnaError) as e:
+                logger.info("waiting for %s: %s", events, e)
+                await asyncio.sleep(1)
+                continue
+            for event in found if isinstance(found, list) else []:
+                after = str(event.get("eventDate") or after)
+                if event.get("eventType") != received or event.get(id_field) in self._seen:
+                    continue
+                document_id = str(event[id_field])
+                try:
+                    body = await self.api.call("GET", f"/payment-api/v1/{path}/{document_id}")
+                    document = self._document(path, body)
+                except (MarketError, ProtocolError, KeyError) as e:
+                    logger.warning("dropping %s %s from the daemon: %s", path, document_id, e)
+                    continue
+                self._seen.add(document_id)
+                self._queue.put_nowait(document)
+
+    def _document(self, path: str, body: Mapping[str, Any]) -> PaymentDocument:
+        if path == "debitNotes":
+            return convert.debit_note(body, self._usage_vector(str(body["agreementId"])))
+        return convert.invoice(body)
+
+    async def accept(self, document: PaymentDocument, amount: Decimal) -> None:
+        path = "debitNotes" if isinstance(document, DebitNote) else "invoices"
+        allocation = await self.daemon.allocation()
+        await self.api.call("POST", f"/payment-api/v1/{path}/{document.id}/accept",
+                            body={"totalAmountAccepted": amount_text(amount), "allocationId": allocation})
+
+    async def reject(self, document: PaymentDocument, reason: str) -> str | None:
+        path = "debitNotes" if isinstance(document, DebitNote) else "invoices"
+        code = "INCORRECT_AMOUNT" if isinstance(document, Invoice) or "amount" in reason else "UNSOLICITED_SERVICE"
+        try:
+            await self.api.call("POST", f"/payment-api/v1/{path}/{document.id}/reject",
+                                body={"rejectionReason": code, "totalAmountAccepted": "0", "message": reason})
+            return None
+        except YagnaError as e:
+            if e.status != 501:
+                raise
+        # The daemon cannot reject it: stop the work it would bill instead.
+        note = f"the daemon cannot reject debit notes; agreement terminated instead ({reason})"
+        logger.warning("debit note %s: %s", document.id, note)
+        await self._terminate(document.agreement_id, f"debit note {document.id} rejected: {reason}")
+        return note
