@@ -69,6 +69,7 @@ class Activities:
         self.daemon = daemon
         self.api = daemon.api
         self._watches: dict[str, _Watch] = {}
+        self._destroying: set[asyncio.Task[None]] = set()
 
     async def create(self, agreement_id: str) -> Activity:
         timeout = config.seconds("yagna.activity-timeout")
@@ -106,11 +107,14 @@ class Activities:
     async def _results(self, activity_id: str, batch_id: str, commands: Sequence[ExeCommand], awaited: int,
                        timeout_s: float) -> list[dict[str, Any]]:
         """The batch's results once ``awaited`` commands ended; an error ends it at once."""
+        if awaited == 0:
+            return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         poll = config.seconds("yagna.poll-timeout")
         while True:
-            results = await self._batch(activity_id, batch_id, min(poll, max(0.1, deadline - loop.time())))
+            results = await self._batch(activity_id, batch_id, min(poll, max(0.1, deadline - loop.time())),
+                                        awaited - 1)
             for result in results:
                 if result.get("result") == "Error":
                     index = int(result.get("index", 0))
@@ -123,11 +127,13 @@ class Activities:
                 raise ActivityError(f"activity {activity_id[:8]}: {len(results)} of {awaited} commands ended "
                                     f"within {timeout_s:g}s")
 
-    async def _batch(self, activity_id: str, batch_id: str, wait_s: float) -> list[dict[str, Any]]:
+    async def _batch(self, activity_id: str, batch_id: str, wait_s: float,
+                     index: int | None = None) -> list[dict[str, Any]]:
+        """The batch's results so far, waiting up to ``wait_s`` for command ``index`` to end."""
         try:
             found = await self.api.call("GET", f"/activity-api/v1/activity/{activity_id}/exec/{batch_id}",
-                                        params={"timeout": round(wait_s, 3)}, timeout_s=wait_s + 10,
-                                        ok=(*OK, 408))
+                                        params={"timeout": round(wait_s, 3), "commandIndex": index},
+                                        timeout_s=wait_s + 10, ok=(*OK, 408))
         except YagnaError as e:
             if e.status == 404:
                 return []  # not started yet
@@ -139,7 +145,7 @@ class Activities:
         poll = config.seconds("yagna.poll-timeout")
         while True:
             try:
-                results = await self._batch(activity_id, batch_id, poll)
+                results = await self._batch(activity_id, batch_id, poll, index)
             except NetworkError:
                 await asyncio.sleep(1)
                 continue
@@ -147,7 +153,8 @@ class Activities:
                 return  # the activity is gone: the state poll reports it
             ended = [r for r in results if int(r.get("index", -1)) >= index]
             if ended:
-                watch.report(Activity(activity_id, watch.agreement_id, ActivityState.FAILED,
+                state = ActivityState.TERMINATED if ended[-1].get("result") == "Ok" else ActivityState.FAILED
+                watch.report(Activity(activity_id, watch.agreement_id, state,
                                       f"the worker's command ended: {_failure(ended[-1])}"))
                 return
             await asyncio.sleep(0.05)
@@ -184,16 +191,29 @@ class Activities:
                 return
 
     async def destroy(self, activity_id: str) -> None:
+        """Ask the daemon to destroy the activity, and return: the daemon answers only once
+        the provider's exe-unit has stopped (most of a second), and nothing here needs to
+        wait for that; :meth:`close` does."""
         watch = self._watches.get(activity_id)
+        if watch is not None:
+            watch.report(Activity(activity_id, watch.agreement_id, ActivityState.TERMINATED, "destroyed"))
+        task = asyncio.get_running_loop().create_task(self._destroy(activity_id), name=f"golem-yagna-destroy-{activity_id[:8]}")
+        self._destroying.add(task)
+        task.add_done_callback(self._destroying.discard)
+
+    async def _destroy(self, activity_id: str) -> None:
+        timeout = config.seconds("yagna.activity-timeout")
         try:
-            await self.api.call("DELETE", f"/activity-api/v1/activity/{activity_id}",
-                                params={"timeout": config.seconds("yagna.activity-timeout")},
-                                timeout_s=config.seconds("yagna.activity-timeout") + 10, ok=(*OK, 404, 410))
-        finally:
-            if watch is not None:
-                watch.report(Activity(activity_id, watch.agreement_id, ActivityState.TERMINATED, "destroyed"))
+            await self.api.call("DELETE", f"/activity-api/v1/activity/{activity_id}", params={"timeout": timeout},
+                                timeout_s=timeout + 10, ok=(*OK, 404, 410))
+        except MarketError as e:
+            logger.warning("destroying activity %s: %s", activity_id, e)
+        else:
+            logger.debug("destroyed activity %s", activity_id)
 
     async def close(self) -> None:
+        if self._destroying:
+            await asyncio.wait(set(self._destroying), timeout=config.seconds("yagna.activity-timeout") + 10)
         tasks = [t for w in self._watches.values() for t in w.tasks]
         for task in tasks:
             task.cancel()

@@ -91,6 +91,7 @@ class Documents:
                     logger.warning("dropping %s %s from the daemon: %s", path, document_id, e)
                     continue
                 self._seen.add(document_id)
+                logger.debug("received %s %s for agreement %s", path, document_id, document.agreement_id)
                 self._queue.put_nowait(document)
 
     def _document(self, path: str, body: Mapping[str, Any]) -> PaymentDocument:
@@ -103,6 +104,7 @@ class Documents:
         allocation = await self.daemon.allocation()
         await self.api.call("POST", f"/payment-api/v1/{path}/{document.id}/accept",
                             body={"totalAmountAccepted": amount_text(amount), "allocationId": allocation})
+        logger.debug("accepted %s %s: %s", path, document.id, amount)
 
     async def reject(self, document: PaymentDocument, reason: str) -> str | None:
         path = "debitNotes" if isinstance(document, DebitNote) else "invoices"

@@ -179,6 +179,7 @@ class YagnaMarket(Market):
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
         await self.api.call("POST", f"/market-api/v1/agreements/{agreement_id}/terminate",
                             body={"message": reason[:1000]}, ok=(*OK, 404, 409, 410))
+        logger.debug("terminated agreement %s: %s", agreement_id, reason)
 
     def _usage_vector(self, agreement_id: str) -> list[str]:
         agreement = self._agreements.get(agreement_id)

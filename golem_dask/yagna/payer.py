@@ -99,17 +99,25 @@ class YagnaPayer(Payer):
         deadline = loop.time() + timeout
         activities = self.daemon.activities.get(agreement_id, [])
         paid, tx = Decimal(0), None
+        cycled = loop.time()
         while loop.time() < deadline:
             try:
+                asked = loop.time()
                 found = await self.daemon.api.call("GET", "/payment-api/v1/payments",
                                                    params={"afterTimestamp": iso(self.daemon.since)})
             except MarketError as e:
                 logger.info("asking the daemon for payments: %s", e)
                 found = []
             paid, tx = paid_for(found if isinstance(found, list) else [], agreement_id, activities, payee)
+            logger.debug("%s: the daemon has paid %s of %s (asked in %.2fs)", reference, paid, amount,
+                         loop.time() - asked)
             if paid >= amount and tx is not None:
                 logger.info("yagna paid %s to %s for %s in %s", paid, payee, reference, tx)
                 return Transfer(payee, to_wei(amount), tx, 0)
+            if loop.time() - cycled >= 0.25:
+                # An accepted debit note is paid in one cycle, the invoice's rest in a later one.
+                cycled = loop.time()
+                await self._run_cycle()
             await asyncio.sleep(config.seconds("yagna.payment-poll-interval"))
         raise PaymentError(
             f"the yagna daemon paid {paid} of {amount} to {payee} for {reference} within {timeout:g}s "
@@ -122,6 +130,7 @@ class YagnaPayer(Payer):
         if self._cycle_unsupported:
             return
         try:
+            logger.debug("running the payment cycle of %s", self.platform)
             await self.daemon.api.call("POST", f"/payment-api/v1/batchCycle/{self.platform}/now", ok=OK)
         except YagnaError as e:
             if e.status in (404, 405, 501):
