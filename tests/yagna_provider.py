@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -162,6 +162,23 @@ async def _poll(api: _Api, path: str, params: dict[str, Any]) -> list[dict[str, 
         if e.status == 408:
             return []
         raise
+
+
+async def _events_after(api: _Api, path: str, since: str, what: str) -> AsyncIterator[dict[str, Any]]:
+    """Every event of a long-polled ``path`` dated after ``since``, retrying on errors."""
+    latest = _parse_time(since)
+    while True:
+        try:
+            events = await _poll(api, path, {"afterTimestamp": since})
+        except (TimeoutError, YagnaApiError, aiohttp.ClientError) as e:
+            logger.warning("%s: %r", what, e)
+            await asyncio.sleep(RETRY_S)
+            continue
+        for event in events or []:
+            stamp = event.get("eventDate")
+            if stamp and _parse_time(stamp) > latest:
+                since, latest = stamp, _parse_time(stamp)
+            yield event
 
 
 class _Tasks:
@@ -805,22 +822,11 @@ class _Market:
             self.agreements[agreement_id]["state"] = "Approved"
 
     async def _watch_agreements(self, since: str) -> None:
-        latest = _parse_time(since)
-        while True:
-            try:
-                events = await _poll(self._api, "/market-api/v1/agreementEvents", {"afterTimestamp": since})
-            except (TimeoutError, YagnaApiError, aiohttp.ClientError) as e:
-                logger.warning("agreement events: %r", e)
-                await asyncio.sleep(RETRY_S)
-                continue
-            for event in events or []:
-                stamp = event.get("eventDate")
-                if stamp and _parse_time(stamp) > latest:
-                    since, latest = stamp, _parse_time(stamp)
-                agreement = self.agreements.get(str(event.get("agreementId")))
-                if (event.get("eventType") == "AgreementTerminatedEvent" and agreement is not None
-                        and agreement["state"] != "Terminated"):
-                    self._on_terminated(agreement["id"], event.get("terminator"))
+        async for event in _events_after(self._api, "/market-api/v1/agreementEvents", since, "agreement events"):
+            agreement = self.agreements.get(str(event.get("agreementId")))
+            if (event.get("eventType") == "AgreementTerminatedEvent" and agreement is not None
+                    and agreement["state"] != "Terminated"):
+                self._on_terminated(agreement["id"], event.get("terminator"))
 
 
 # --- money ------------------------------------------------------------------------------------
@@ -966,27 +972,17 @@ class _Activities:
         return self._market.agreements.get(agreement_id, {}).get("state") in ("Approving", "Approved")
 
     async def _watch(self, since: str) -> None:
-        latest, seen = _parse_time(since), set()
-        while True:
-            try:
-                events = await _poll(self._api, "/activity-api/v1/events", {"afterTimestamp": since})
-            except (TimeoutError, YagnaApiError, aiohttp.ClientError) as e:
-                logger.warning("activity events: %r", e)
-                await asyncio.sleep(RETRY_S)
-                continue
-            for event in events or []:
-                stamp = event.get("eventDate")
-                if stamp and _parse_time(stamp) > latest:
-                    since, latest = stamp, _parse_time(stamp)
-                kind = next(iter(event.get("eventType") or {}), None)
-                key = (event.get("activityId"), kind)
-                if key in seen or event.get("agreementId") not in self._market.agreements:
-                    continue  # another provider's activity on this identity
-                seen.add(key)
-                if kind == "CreateActivity":
-                    await self._create(event["activityId"], event["agreementId"])
-                elif kind == "DestroyActivity":
-                    self.retire(event["activityId"])
+        seen = set()
+        async for event in _events_after(self._api, "/activity-api/v1/events", since, "activity events"):
+            kind = next(iter(event.get("eventType") or {}), None)
+            key = (event.get("activityId"), kind)
+            if key in seen or event.get("agreementId") not in self._market.agreements:
+                continue  # another provider's activity on this identity
+            seen.add(key)
+            if kind == "CreateActivity":
+                await self._create(event["activityId"], event["agreementId"])
+            elif kind == "DestroyActivity":
+                self.retire(event["activityId"])
 
     async def _create(self, activity_id: str, agreement_id: str) -> None:
         if not self._agreement_open(agreement_id):
