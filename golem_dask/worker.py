@@ -308,11 +308,16 @@ class GolemWorker(ProcessInterface):
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 failed.cancel()
+            hint = f"; {p.market.unreachable_hint}" if p.market.unreachable_hint else ""
             if rental.failed.is_set():
-                raise ActivityError(f"worker {self.name} died before joining the scheduler: {rental.failure}")
+                # dask's worker gives up on a scheduler it cannot reach with "Timed out starting worker".
+                unreached = "Timed out starting worker" in rental.failure
+                raise ActivityError(f"worker {self.name} died before joining the scheduler"
+                                    + (f" at {self.scheduler_for_worker}, which it could not reach{hint}"
+                                       if unreached else "") + f": {rental.failure}")
             if registered not in done:
-                raise ActivityError(f"worker {self.name} did not join the scheduler within {p.start_timeout_s:g}s "
-                                    "(golem.worker.start-timeout)")
+                raise ActivityError(f"worker {self.name} did not join the scheduler at {self.scheduler_for_worker} "
+                                    f"within {p.start_timeout_s:g}s (golem.worker.start-timeout){hint}")
             self.address = registered.result()
             rental.ready = True
             assert self.deal is not None

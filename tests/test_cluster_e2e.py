@@ -294,3 +294,21 @@ def test_without_the_docker_sdk_the_default_is_the_process_runtime(monkeypatch: 
         assert cluster.runtime == "process"
     with pytest.raises(ConfigError, match="docker SDK"):
         GolemCluster(n_workers=0, budget="1", runtime="docker")
+
+
+def test_a_worker_that_cannot_reach_the_scheduler_names_the_address_and_what_to_check(monkeypatch) -> None:
+    """The error says where the worker dialled and the market's hint; the rental is paid nothing
+    more than it ran, and nothing is left running."""
+    from golem_dask.worker import GolemWorker
+
+    monkeypatch.setattr(GolemWorker, "scheduler_for_worker", property(lambda self: "tcp://127.0.0.1:9"))
+    monkeypatch.setattr(LocalMarket, "unreachable_hint", "open the port", raising=False)
+    with dask.config.set({"golem.worker.start-timeout": "3s", "golem.worker.death-timeout": "2s"}), \
+            pytest.raises(Exception, match=r"died before joining the scheduler at tcp://127\.0\.0\.1:9, which it "
+                                           "could not reach; open the port: worker exited"):
+        GolemCluster(n_workers=1, budget="1")
+    with dask.config.set({"golem.worker.start-timeout": "2s", "golem.worker.death-timeout": "30s"}), \
+            pytest.raises(Exception, match=r"did not join the scheduler at tcp://127\.0\.0\.1:9 within 2s "
+                                           r"\(golem.worker.start-timeout\); open the port"):
+        GolemCluster(n_workers=1, budget="1")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tcp://127.0.0.1:9" in (p.info["cmdline"] or [])]

@@ -65,6 +65,8 @@ class Market(abc.ABC):
     #: Whether providers bill an activity from its creation (VM exe-units do) rather
     #: than from the worker's start: the requestor's metering starts there too.
     bills_whole_activity: bool = False
+    #: What to check when a worker cannot reach the scheduler, said with the error.
+    unreachable_hint: str = ""
 
     def bind_wallet(self, wallet: Wallet) -> None:  # noqa: B027 - optional hook
         """The requestor's key, for backends that sign agreements themselves.

@@ -32,6 +32,9 @@ class HubMarket(RelayMarket):
         payment address).
     """
 
+    unreachable_hint = ("the provider's host must reach that address and port: open it in the firewall, or set "
+                        "golem.cluster.scheduler-host to an address of this machine the providers can reach")
+
     def __init__(self, url: str, wallet: Any) -> None:
         super().__init__(wallet)
         self.collection_window_s = config.seconds("hub.collection-window")

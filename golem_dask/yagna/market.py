@@ -57,6 +57,10 @@ class YagnaMarket(Market):
     #: as they are, inside the daemons' own messages.
     seals_secrets = False
     bills_whole_activity = True
+    unreachable_hint = ("a provider's VM on the public Golem network cannot connect to this machine: the "
+                        "scheduler must run in a rented VM with the workers on a VPN, which golem-dask does not "
+                        "do yet (README, 'How workers reach a scheduler'); providers you run yourself on a "
+                        "network that reaches golem.cluster.scheduler-host work")
 
     def __init__(self, daemon: YagnaDaemon, subnet: str | None = None) -> None:
         self.daemon = daemon
