@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+import dask
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
 from golem_dask import config
-from golem_dask.errors import BudgetExceededError, ConfigError
+from golem_dask.errors import ConfigError
 from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
@@ -32,7 +34,8 @@ from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runti
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, meter_cpu
+from golem_dask.upkeep import IdleGuard, Renewals, affordable, drop_unaffordable, retire_leaving
+from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +193,9 @@ class GolemCluster(SpecCluster):
         embedded Ethereum devnet, funded with ``budget``.
     scheduler_options:
         Passed to the :class:`distributed.Scheduler`.
+    idle_timeout:
+        Retire (and pay) every worker when no task ran this long (``"20m"``, the
+        default from ``golem.cluster.idle-timeout``; ``False`` never).
 
     Examples
     --------
@@ -228,6 +234,7 @@ class GolemCluster(SpecCluster):
         payer: Payer | None = None,
         scheduler_options: dict[str, Any] | None = None,
         worker_options: Sequence[str] = (),
+        idle_timeout: Any = None,
         asynchronous: bool = False,
         loop: Any = None,
         name: str | None = None,
@@ -273,6 +280,9 @@ class GolemCluster(SpecCluster):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._golem_started = False
         self._golem_closed = False
+        self._capped = False
+        idle = config.get("cluster.idle-timeout", idle_timeout)
+        self.idle_timeout_s = config.seconds("cluster.idle-timeout", idle) if idle else None
         # The dashboard stays on this machine: providers have no business there.
         scheduler = {"cls": GolemScheduler, "options": {
             "host": listen, "port": 0, "dashboard_address": "127.0.0.1:0", "security": security,
@@ -351,6 +361,9 @@ class GolemCluster(SpecCluster):
                                                                                 None),
                                   self.accountant, config.seconds("payment.metering-interval")), "golem-metering")
             self._spawn(self._start_payer(), "golem-payer-start")
+            self._spawn(Renewals(self).run(), "golem-renewals")
+            if self.idle_timeout_s:
+                self._spawn(IdleGuard(self, self.idle_timeout_s).run(), "golem-idle-guard")
 
     async def _start_payer(self) -> None:
         try:
@@ -359,24 +372,32 @@ class GolemCluster(SpecCluster):
             logger.info("the payer could not start yet: %s", e)
 
     async def _correct_state_internal(self) -> None:
-        # SpecCluster fails the whole cluster when one worker fails to start.  A worker
-        # the budget cannot pay for is not a failure: drop it and keep the others.
+        # Leaving workers hand their data over first; a worker the budget cannot pay for
+        # is not a failure of the cluster (SpecCluster fails it whole): it is dropped.
+        await retire_leaving(self)
         try:
             await super()._correct_state_internal()
         except Exception as error:
-            unaffordable = [n for n, w in self.workers.items()
-                            if isinstance(getattr(w, "error", None), BudgetExceededError)]
-            others = [w.error for w in self.workers.values()
-                      if getattr(w, "error", None) is not None and not isinstance(w.error, BudgetExceededError)]
-            if others or not unaffordable:
-                raise others[0] if others else error
-            for n in unaffordable:
-                del self.workers[n]
-                self.worker_spec.pop(n, None)
-            message = (f"budget of {self.budget.total} GLM allows {len(self.workers)} workers now; "
-                       f"not starting {len(unaffordable)} more ({error})")
-            self.events.emit("budget", message)
-            logger.warning("%s", message)
+            drop_unaffordable(self, error)
+
+    def scale(self, n: int = 0, memory: Any = None, cores: Any = None) -> Any:
+        """Rent or retire workers to ``n`` (or to ``cores``/``memory``), as many as the budget allows."""
+        if memory is not None:
+            n = max(n, math.ceil(dask.utils.parse_bytes(memory) / self._memory_per_worker()))
+        if cores is not None:
+            n = max(n, math.ceil(cores / self._threads_per_worker()))
+        capped = affordable(self, n)
+        if capped < n and not self._capped:
+            self.events.emit("budget", f"asked for {n} workers; the budget left ({self.budget.remaining} GLM) "
+                             f"can reserve agreements for {capped}")
+        self._capped = capped < n
+        return super().scale(capped)
+
+    def _threads_per_worker(self) -> int:
+        return self.spec.resources.cpu_threads
+
+    def _memory_per_worker(self) -> int:
+        return self.spec.resources.memory_bytes
 
     def _worker_lost(self, name: str, reason: str) -> None:
         """A running worker's activity died: pay what it ran, start a replacement."""
@@ -410,7 +431,7 @@ class GolemCluster(SpecCluster):
         if self._golem_closed:
             return
         self._golem_closed = True
-        await self._drop_early_rentals()
+        await drop_early_rentals(self._parts)
         with contextlib.suppress(Exception):
             await self.negotiator.close()
         with contextlib.suppress(Exception):
@@ -421,23 +442,8 @@ class GolemCluster(SpecCluster):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.payer.close()
-        bill = self.accountant.bill()
-        if bill.entries:
-            self.events.emit("payment", f"cluster closed; paid {bill.total} GLM in total", total=bill.total)
-        if bill.owed:
-            owed = ", ".join(f"{e.amount} GLM to {e.provider}" for e in bill.entries
-                             if e.status in ("payment failed", "awaiting invoice"))
-            where = getattr(getattr(self.payer, "ledger", None), "path", None)
-            self.events.emit("warning", f"still owed: {owed}; the debts are kept in the ledger"
-                             + (f" ({where})" if where else "") + "; run 'golem-dask pay' to settle them",
-                             owed=bill.owed)
-
-    async def _drop_early_rentals(self) -> None:
-        """End rentals prepared for workers that never started (the cluster closed first)."""
-        early = list(self._parts.early.values())
-        self._parts.early.clear()
-        await asyncio.gather(*(r.release("cluster closed before the worker started") for r in early),
-                             return_exceptions=True)
+        for kind, message, data in self.accountant.bill().closing_notes(getattr(self.payer, "ledger", None)):
+            self.events.emit(kind, message, **data)
 
     # -- money ------------------------------------------------------------------------
 

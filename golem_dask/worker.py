@@ -345,6 +345,14 @@ class GolemWorker(ProcessInterface):
             await super().close()
 
 
+async def drop_early_rentals(parts: RequestorParts) -> None:
+    """End rentals prepared for workers that never started (the cluster closed first)."""
+    early = list(parts.early.values())
+    parts.early.clear()
+    await asyncio.gather(*(r.release("cluster closed before the worker started") for r in early),
+                         return_exceptions=True)
+
+
 async def meter_cpu(scheduler: Callable[[], Any], agreement_of: Callable[[str], str | None],
                     accountant: Accountant, interval_s: float) -> None:
     """Integrate the CPU the scheduler sees each worker use: the requestor's own metering.

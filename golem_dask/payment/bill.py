@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 from enum import Enum
 
 from golem_dask.protocol import properties as P
@@ -73,6 +74,21 @@ class Bill:
             (e.amount for e in self.entries if e.status in {EntryStatus.FAILED.value, EntryStatus.AWAITING_INVOICE.value}),
             Decimal(0),
         )
+
+    def closing_notes(self, ledger: Any = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """What a closing cluster tells its user: (event kind, message, data) for what was
+        paid and for what is still owed (kept in ``ledger``, settled by ``golem-dask pay``)."""
+        notes: list[tuple[str, str, dict[str, Any]]] = []
+        if self.entries:
+            notes.append(("payment", f"cluster closed; paid {self.total} GLM in total", {"total": self.total}))
+        if self.owed:
+            owed = ", ".join(f"{e.amount} GLM to {e.provider}" for e in self.entries
+                             if e.status in {EntryStatus.FAILED.value, EntryStatus.AWAITING_INVOICE.value})
+            where = getattr(ledger, "path", None)
+            notes.append(("warning", f"still owed: {owed}; the debts are kept in the ledger"
+                          + (f" ({where})" if where else "") + "; run 'golem-dask pay' to settle them",
+                          {"owed": self.owed}))
+        return notes
 
     def __str__(self) -> str:
         header = ("worker", "provider", "agreement", "cpu_sec", "duration_sec", "amount GLM", "status", "transaction")
