@@ -96,6 +96,8 @@ def test_scale_by_cores_and_memory_and_never_past_the_budget() -> None:
         client.wait_for_workers(2, timeout=60)
         time.sleep(1)
         assert len(cluster.workers) == 2 and cluster.budget.reserved <= Decimal("0.25")
+        adaptive = cluster.adapt(minimum_cores=1, maximum_cores=8)  # SpecCluster's raised here
+        assert adaptive.maximum == 8 and len(cluster.events.of_kind("budget")) == 1
 
 
 def test_a_scale_down_moves_the_leaving_workers_data() -> None:
