@@ -34,7 +34,7 @@ from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runti
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import IdleGuard, Renewals, affordable, drop_unaffordable, retire_leaving
+from golem_dask.upkeep import affordable, drop_unaffordable, retire_leaving, upkeep_tasks
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -361,9 +361,8 @@ class GolemCluster(SpecCluster):
                                                                                 None),
                                   self.accountant, config.seconds("payment.metering-interval")), "golem-metering")
             self._spawn(self._start_payer(), "golem-payer-start")
-            self._spawn(Renewals(self).run(), "golem-renewals")
-            if self.idle_timeout_s:
-                self._spawn(IdleGuard(self, self.idle_timeout_s).run(), "golem-idle-guard")
+            for name, coro in upkeep_tasks(self):
+                self._spawn(coro, name)
 
     async def _start_payer(self) -> None:
         try:

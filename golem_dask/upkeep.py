@@ -6,6 +6,8 @@
   key held in memory, is lost to an expiring agreement.
 * :class:`IdleGuard`: when no task has run for ``golem.cluster.idle-timeout``, every
   worker is retired and paid; the cluster stays usable (``scale``/``adapt`` rent again).
+* paying as it goes (:meth:`~golem_dask.payment.accountant.Accountant.pay_as_you_go`):
+  accepted debit notes paid every ``golem.payment.pay-interval``.
 * :func:`retire_leaving`: workers about to be closed hand their data over first (dask's
   ``SpecCluster`` asks the scheduler to retire them by name where it wants addresses, so
   by itself a scale-down recomputes what the leaving workers held).
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from distributed.core import Status
@@ -153,6 +156,18 @@ class IdleGuard:
                     adaptive.stop()
             self.cluster.scale(0)
             self.last_busy = now
+
+
+def upkeep_tasks(cluster: Any) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    """The background work of a running cluster: renewals, the idle guard, paying as it goes."""
+    tasks: list[tuple[str, Coroutine[Any, Any, None]]] = [("golem-renewals", Renewals(cluster).run())]
+    if cluster.idle_timeout_s:
+        tasks.append(("golem-idle-guard", IdleGuard(cluster, cluster.idle_timeout_s).run()))
+    interval = config.get("payment.pay-interval")
+    if interval:
+        tasks.append(("golem-pay-as-you-go", cluster.accountant.pay_as_you_go(
+            cluster.market, config.seconds("payment.pay-interval"))))
+    return tasks
 
 
 def affordable(cluster: Any, n: int) -> int:

@@ -116,3 +116,24 @@ def test_a_scale_down_moves_the_leaving_workers_data() -> None:
         wait_until("the scale-down", lambda: len(cluster.workers) == 1 and len(cluster.scheduler.workers) == 1)
         assert float(x.sum().compute()) == float(data.sum())
         assert plugin.recomputed == []
+
+
+def test_accepted_debit_notes_are_paid_while_workers_run() -> None:
+    """Each round pays every running agreement's accepted debit notes in one transaction;
+    the invoices at the end pay only the rest, and each provider gets exactly its invoices."""
+    from test_cluster_e2e import token_balance
+
+    with dask.config.set({"golem.payment.pay-interval": "2s", "golem.provider.debit-note-interval": "1s"}), \
+            GolemCluster(n_workers=2, cpu=1, budget="1") as cluster, Client(cluster) as client:
+        busy = client.map(lambda i: sum(range(30_000_000)) + i, range(8))
+        assert client.gather(busy) == [sum(range(30_000_000)) + i for i in range(8)]
+        wait_until("a mid-run payment round for both", lambda: any(
+            len(p.agreement_ids) == 1 and sum(q.tx_hash == p.tx_hash for q in cluster.accountant.payments) == 2
+            for p in cluster.accountant.payments), 30)
+        provider = cluster.bill().entries[0].provider
+        paid_while_running = token_balance(cluster, provider)
+        assert paid_while_running > 0 and all(e.status == "running" for e in cluster.bill().entries)
+    bill = cluster.bill()
+    assert {e.status for e in bill.entries} == {"paid"}
+    assert all(e.paid == e.amount for e in bill.entries)
+    assert token_balance(cluster, provider) == sum(e.amount for e in bill.entries) > paid_while_running

@@ -70,6 +70,8 @@ class DemandSpec:
     runtime: str | None = None
     image: str | None = None
     extra_constraints: C.Filter | None = None
+    #: Seconds between mid-agreement payments of accepted debit notes (None: at the end).
+    payment_interval_s: int | None = None
 
     @classmethod
     def from_kwargs(
@@ -114,6 +116,8 @@ class DemandSpec:
             runtime=config.get("demand.runtime", runtime),
             image=image,
             extra_constraints=extra,
+            payment_interval_s=int(config.seconds("payment.pay-interval")) if config.get("payment.pay-interval")
+            else None,
         )
 
     @property
@@ -139,6 +143,8 @@ class DemandSpec:
             P.payment_address(self.platform): requestor_address,
             P.CHOSEN_PLATFORM: self.platform,
         }
+        if self.payment_interval_s:
+            props[P.PAYMENT_TIMEOUT] = self.payment_interval_s
         if self.image:
             props[P.IMAGE] = self.image
             # The provider checks its image against these before starting a worker.

@@ -264,6 +264,27 @@ class Accountant:
             self._late.add(task)
             task.add_done_callback(self._late.discard)
 
+    async def pay_as_you_go(self, market: Any, interval_s: float) -> None:
+        """Every ``interval_s``, pay what each running agreement's accepted debit notes say
+        and is not paid yet; the payments of one round go out together (the payer batches
+        them).  The invoice at the end pays only the rest.  Runs until cancelled.
+
+        Only with a payer that keeps a ledger: accepting a debit note on the yagna daemon
+        already orders the daemon to pay it.
+        """
+        if self.commitments is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            due = [a for a in self.accounts.values()
+                   if a.status is EntryStatus.RUNNING and a.invoice is None and a.last_debit_note is not None]
+            await asyncio.gather(*(self._pay_round(market, a) for a in due), return_exceptions=True)
+
+    async def _pay_round(self, market: Any, account: AgreementAccount) -> None:
+        async with account.checking:
+            if account.invoice is None and not account.settled.is_set():
+                await self._pay_accepted(market, account)
+
     async def settle(self, market: Any, agreement_id: str, timeout_s: float) -> AgreementAccount:
         """Wait for an agreement's invoice, check it, and pay it if it is right."""
         account = self.accounts[agreement_id]

@@ -35,6 +35,8 @@ LINEAR_COEFFS = "golem.com.pricing.model.linear.coeffs"
 USAGE_VECTOR = "golem.com.usage.vector"
 SCHEME = "golem.com.scheme"
 DEBIT_NOTE_INTERVAL = "golem.com.scheme.payu.debit-note.interval-sec"
+#: How often the requestor pays accepted debit notes mid-agreement (Golem's payu term).
+PAYMENT_TIMEOUT = "golem.com.scheme.payu.payment-timeout-sec?"
 CHOSEN_PLATFORM = "golem.com.payment.chosen-platform"
 
 # Usage counters.
