@@ -137,3 +137,28 @@ def test_accepted_debit_notes_are_paid_while_workers_run() -> None:
     assert {e.status for e in bill.entries} == {"paid"}
     assert all(e.paid == e.amount for e in bill.entries)
     assert token_balance(cluster, provider) == sum(e.amount for e in bill.entries) > paid_while_running
+
+
+def test_a_lost_workers_outputs_are_collected(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker that dies leaves its files with the provider; the cluster collects its
+    outputs while replacing it, then the provider removes them."""
+    import os
+
+    out = tmp_path / "collected"
+    with GolemCluster(n_workers=1, runtime="process", budget="1", outputs={"/golem/output/": f"file://{out}/"}) \
+            as cluster, Client(cluster) as client:
+
+        def write() -> str:  # the worker's working directory is its sandbox, /golem
+            os.makedirs("output", exist_ok=True)
+            with open("output/result.txt", "w") as f:
+                f.write("42")
+            return os.getcwd()
+
+        sandbox = client.submit(write, pure=False).result()
+        (lost,) = cluster.workers.values()
+        client.submit(os._exit, 1, workers=[lost.address], pure=False)  # dies without a goodbye
+        wait_until("the lost worker's outputs", lambda: (out / "result.txt").exists(), 60)
+        assert (out / "result.txt").read_text() == "42"
+        wait_until("its files removed", lambda: not os.path.exists(sandbox), 30)
+        client.wait_for_workers(1, timeout=60)
+        assert any("lost" in str(e) for e in cluster.events.of_kind("warning"))

@@ -173,6 +173,9 @@ class ProviderAgent:
         for agreement_id in list(self._deals):
             with contextlib.suppress(Exception):
                 await self.terminate(agreement_id, "provider shutting down")
+        for deal in list(self._activities.values()):  # files kept for collection go too
+            with contextlib.suppress(Exception):
+                await deal.discard()
         if self._link is not None and self.offer is not None:
             with contextlib.suppress(Exception):
                 await self._link.withdraw(self.offer.id)
@@ -256,7 +259,8 @@ class ProviderAgent:
             return deal.invoice if deal else None
         deal.ending = True
         deal.cancel_tasks()
-        await deal.stop(ActivityState.TERMINATED, reason)
+        # Its files stay for the requestor to collect outputs (an expired or ended worker).
+        await deal.stop(ActivityState.TERMINATED, reason, keep_sandbox=True)
         deal.agreement = _replace_agreement(
             deal.agreement, state=AgreementState.TERMINATED, terminated_reason=reason
         )
@@ -318,14 +322,19 @@ class ProviderAgent:
             await self._link.send(message)
 
     async def exec(self, activity_id: str, commands: Sequence[ExeCommand]) -> list[str]:
-        """Run an exe-script; the first failing command fails the activity."""
+        """Run an exe-script; the first failing command fails the activity.  A stopped
+        activity whose files are kept takes only output transfers."""
+        deal = self._activities.get(activity_id)
+        if deal is not None and deal.stopped:
+            return await deal.collect(commands)
         return await self._deal_for_activity(activity_id).exec(commands)
 
     async def destroy_activity(self, activity_id: str) -> None:
-        """Stop an activity; the agreement stays until terminated."""
+        """Stop an activity and remove its files; the agreement stays until terminated."""
         deal = self._activities.get(activity_id)
         if deal is not None:
             await deal.stop(ActivityState.TERMINATED, "destroyed by requestor")
+            await deal.discard()
 
     # -- payment ----------------------------------------------------------------------
 

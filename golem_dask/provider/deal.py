@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from golem_dask import config
 from golem_dask.errors import ActivityError
 from golem_dask.protocol.messages import Activity, ActivityState, Agreement, DebitNote, ExeCommand, Invoice
 from golem_dask.protocol.pricing import LinearPricing
@@ -63,6 +64,7 @@ class Deal:
         self._unseal = unseal
         self._on_end = on_end
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._discard_at: asyncio.TimerHandle | None = None  # a stopped activity's files are kept
 
     def __repr__(self) -> str:
         return f"<Deal {self.agreement.id[:8]} {self.resources}>"
@@ -132,7 +134,7 @@ class Deal:
         code = await act.wait()
         if not self.ending and not self.stopped:
             tail = "\n".join(act.logs().splitlines()[-20:])
-            await self.stop(ActivityState.FAILED, f"worker exited with code {code}\n{tail}")
+            await self.stop(ActivityState.FAILED, f"worker exited with code {code}\n{tail}", keep_sandbox=True)
             if self._on_end is not None:
                 await self._on_end(f"its worker exited with code {code}")
 
@@ -155,16 +157,48 @@ class Deal:
                 recipient_id=self.agreement.requestor_id,
             ))
 
-    async def stop(self, state: ActivityState, reason: str) -> None:
-        """Stop the activity (once), with its last CPU reading, and report ``state``."""
+    async def stop(self, state: ActivityState, reason: str, keep_sandbox: bool = False) -> None:
+        """Stop the activity (once), with its last CPU reading, and report ``state``.
+
+        With ``keep_sandbox`` its files stay for the requestor to collect its outputs
+        (:meth:`collect`) until it destroys the activity or ``golem.provider.output-grace``
+        passes.
+        """
         act = self.activity
         if act is None or self.stopped:
             return
         self.stopped = True
         try:
             self.meter.record_cpu(await act.cpu_seconds())
-            await act.terminate()
+            await act.terminate(keep_sandbox=keep_sandbox)
             self.meter.record_cpu(await act.cpu_seconds())
         finally:
             self.meter.stop()
             await self.state(state, reason)
+        if keep_sandbox:
+            self._discard_at = asyncio.get_running_loop().call_later(
+                config.seconds("provider.output-grace"), lambda: asyncio.ensure_future(self.discard()))
+
+    async def collect(self, commands: Sequence[ExeCommand]) -> list[str]:
+        """Run the output transfers of a stopped activity whose sandbox is kept."""
+        act = self.activity
+        if act is None or self._discard_at is None:
+            raise ActivityError("the activity is stopped and its files are gone")
+        outputs = []
+        for cmd in commands:
+            args = open_command(cmd.args, self._unseal, activity_aad(self.agreement.id, act.activity_id)) \
+                if cmd.command == "transfer" else {}
+            if cmd.command != "transfer" or not str(args.get("from", "")).startswith("/golem/"):
+                raise ActivityError("the activity is stopped: only its outputs (transfers out of /golem) can "
+                                    f"be collected, for golem.provider.output-grace; not {cmd.command}")
+            options = args.get("options")
+            outputs.append(await act.transfer(args["from"], args["to"], dict(options) if options else None))
+        return outputs
+
+    async def discard(self) -> None:
+        """Remove the files of a stopped activity (once)."""
+        handle, self._discard_at = self._discard_at, None
+        if handle is not None:
+            handle.cancel()
+            if self.activity is not None:
+                await self.activity.discard()

@@ -270,8 +270,12 @@ class RuntimeActivity(abc.ABC):
         """Wait until the command run by ``run`` exits; returns its exit code."""
 
     @abc.abstractmethod
-    async def terminate(self) -> None:
-        """Stop everything and free the sandbox.  Safe to call twice."""
+    async def terminate(self, keep_sandbox: bool = False) -> None:
+        """Stop everything and free the sandbox (unless ``keep_sandbox``: its files stay for
+        the requestor to collect, until :meth:`discard`).  Safe to call twice."""
+
+    async def discard(self) -> None:  # noqa: B027 - nothing kept by default
+        """Remove a sandbox :meth:`terminate` kept.  Safe to call twice."""
 
     def logs(self) -> str:
         """What the command printed so far (for error messages)."""

@@ -265,7 +265,7 @@ class DockerActivity(RuntimeActivity):
             return -1
         return int(result.get("StatusCode", -1))
 
-    def _stop(self) -> None:
+    def _stop(self, keep_sandbox: bool = False) -> None:
         with self._engine_lock:
             self._terminated = True
             container = self.container
@@ -280,12 +280,19 @@ class DockerActivity(RuntimeActivity):
                 self._logs = container.logs(tail=200).decode(errors="replace")
             with contextlib.suppress(errors.NotFound):
                 container.remove(force=True)
+        if self.root is not None and not keep_sandbox:
+            self._discard()
+
+    def _discard(self) -> None:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 
-    async def terminate(self) -> None:
-        await asyncio.to_thread(self._stop)
+    async def terminate(self, keep_sandbox: bool = False) -> None:
+        await asyncio.to_thread(self._stop, keep_sandbox)
+
+    async def discard(self) -> None:
+        await asyncio.to_thread(self._discard)
 
     def logs(self) -> str:
         if self.container is not None:

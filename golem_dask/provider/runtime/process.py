@@ -173,7 +173,7 @@ class ProcessActivity(RuntimeActivity):
             raise ActivityError("nothing runs in this activity")
         return await self._process.wait()
 
-    async def terminate(self) -> None:
+    async def terminate(self, keep_sandbox: bool = False) -> None:
         proc, self._process = self._process, None
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -194,6 +194,11 @@ class ProcessActivity(RuntimeActivity):
                 await proc.wait()
         if self.workdir is not None:
             self._last_logs = self.logs()
+            if not keep_sandbox:
+                await self.discard()
+
+    async def discard(self) -> None:
+        if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
