@@ -7,6 +7,7 @@ on them, checks it against NumPy, and prints the bill with its transaction hashe
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -231,6 +232,26 @@ def provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def providers(path: str | None, as_json: bool) -> int:
+    """Print the reputation store: one provider per line."""
+    from golem_dask.market.reputation import Reputation
+
+    store = Reputation(path) if path else Reputation.default()
+    records = store.records()
+    if as_json:
+        print(json.dumps([{"address": r.address, "name": r.name, "agreements": r.agreements,
+                           "delivered": None if r.delivered is None else str(r.delivered),
+                           "failures": r.failures, "refusals": r.refusals, "flagged": r.flagged} for r in records]))
+        return 0
+    print(f"{'provider':44s} {'name':16s} {'agreements':>10s} {'delivered':>9s} {'failures':>8s} "
+          f"{'refusals':>8s} {'caught':>6s}")
+    for r in records:
+        delivered = "-" if r.delivered is None else f"{r.delivered:.0%}"
+        print(f"{r.address:44s} {r.name[:16]:16s} {r.agreements:10d} {delivered:>9s} {r.failures:8d} "
+              f"{r.refusals:8d} {r.flagged:6d}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="golem-dask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     led = sub.add_parser("ledger", help="list debts and payments from the durable ledger")
     led.add_argument("--json", action="store_true", help="print JSON instead of a table")
     led.add_argument("--path", help="ledger file (default: <golem.payment.data-dir>/ledger.sqlite)")
+    prov = sub.add_parser("providers", help="what this requestor remembers of providers: delivered capacity, "
+                                            "failures, refusals")
+    prov.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prov.add_argument("--path", help="reputation file (default: <golem.payment.data-dir>/reputation.sqlite)")
     pay_parser = sub.add_parser("pay", help="reconcile with the chain and pay every debt still owed (golem.payment.* "
                                             "config), also what a stopped requestor accepted")
     pay_parser.add_argument("--hub", help="tcp://HOST:PORT: also answer the invoices providers re-send there")
@@ -295,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return provider(args)
     if args.command == "ledger":
         return ledger(args.path, args.json)
+    if args.command == "providers":
+        return providers(args.path, args.json)
     if args.command == "pay":
         from dask.utils import parse_timedelta
 

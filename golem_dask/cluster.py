@@ -25,6 +25,7 @@ from golem_dask.events import EventLog
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
+from golem_dask.market.reputation import Reputation
 from golem_dask.payment.accountant import Accountant, Tolerance
 from golem_dask.payment.base import Payer
 from golem_dask.payment.bill import Bill
@@ -34,7 +35,7 @@ from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runti
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import affordable, drop_unaffordable, retire_leaving, upkeep_tasks
+from golem_dask.upkeep import affordable, drop_unaffordable, replace_lost, retire_leaving, upkeep_tasks
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,8 @@ class GolemCluster(SpecCluster):
             self.market.bind_wallet(wallet)
         self.budget = Budget(total)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
-        self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events)
+        self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events,
+                                                 Reputation.of_payer(payer))
         # TLS for every worker that is not a plain process of this machine's own provider.
         use_tls = config.get("cluster.tls", tls)
         use_tls = not (backend == "local" and self.runtime != "docker") if use_tls is None else use_tls
@@ -400,20 +402,7 @@ class GolemCluster(SpecCluster):
 
     def _worker_lost(self, name: str, reason: str) -> None:
         """A running worker's activity died: pay what it ran, start a replacement."""
-        if name not in self.worker_spec or self.status != Status.running:
-            return  # retired on purpose (scale-down, close): nothing was lost
-        worker = self.workers.pop(name, None)
-        if worker is None:
-            return
-        lines = [line for line in reason.splitlines() if line.strip()] or ["unknown reason"]
-        last = f" (last log line: {lines[-1].strip()})" if len(lines) > 1 else ""
-        self.events.emit("warning", f"worker {name} lost: {lines[0]}{last}; replacing it", reason=reason)
-        self._futures.add(asyncio.ensure_future(worker.close()))
-        if name in self.worker_spec:
-            spec = self.worker_spec.pop(name)
-            self.worker_spec[self._new_worker_name(self._i)] = spec
-            self._i += 1
-            self._correct_state()
+        replace_lost(self, name, reason)
 
     def close(self, timeout: float | None = None) -> Any:
         if timeout is None:

@@ -8,6 +8,8 @@
   worker is retired and paid; the cluster stays usable (``scale``/``adapt`` rent again).
 * paying as it goes (:meth:`~golem_dask.payment.accountant.Accountant.pay_as_you_go`):
   accepted debit notes paid every ``golem.payment.pay-interval``.
+* :class:`CapacityWatch`: a worker delivering under half of the threads it was sold is
+  replaced, paid its delivered share, and its provider remembered.
 * :func:`retire_leaving`: workers about to be closed hand their data over first (dask's
   ``SpecCluster`` asks the scheduler to retire them by name where it wants addresses, so
   by itself a scale-down recomputes what the leaving workers held).
@@ -21,7 +23,10 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Coroutine
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from distributed.core import Status
@@ -102,23 +107,33 @@ class Renewals:
         expires = c.workers[name].deal.agreement.valid_to_ms
         c.events.emit("renewal", f"agreement of {name} expires in {max(0, expires - now_ms()) / 1000:.0f}s: "
                       "renting its successor", worker=name)
-        successor = c._new_worker_name(c._i)
-        c._i += 1
-        c.worker_spec[successor] = c.new_spec
-        try:
-            await c._correct_state()
-        except Exception as e:  # reported below
-            logger.info("renting the successor of %s failed: %s", name, e)
-        ready = successor in c.workers and c.workers[successor].status == Status.running
-        if not ready:
-            c.worker_spec.pop(successor, None)
+        successor = await hand_over(c, name)
+        if successor is None:
             c.events.emit("warning", f"could not rent a successor for {name}; it stops when its agreement "
                           "expires and is then replaced", worker=name)
-            return
-        if c.worker_spec.pop(name, None) is not None:
-            await c._correct_state()  # retires it (its data moves to the others), pays it
-        c.events.emit("renewal", f"{name} handed over to {successor} before its agreement expired",
-                      worker=name, successor=successor)
+        else:
+            c.events.emit("renewal", f"{name} handed over to {successor} before its agreement expired",
+                          worker=name, successor=successor)
+
+
+async def hand_over(cluster: Any, name: str) -> str | None:
+    """Rent a successor for worker ``name``; once it runs, retire ``name`` (its data moves
+    to the others) and settle its agreement.  The successor's name, or None if it could
+    not be rented (``name`` then stays)."""
+    c = cluster
+    successor = c._new_worker_name(c._i)
+    c._i += 1
+    c.worker_spec[successor] = c.new_spec
+    try:
+        await c._correct_state()
+    except Exception as e:  # the caller reports it
+        logger.info("renting the successor of %s failed: %s", name, e)
+    if not (successor in c.workers and c.workers[successor].status == Status.running):
+        c.worker_spec.pop(successor, None)
+        return None
+    if c.worker_spec.pop(name, None) is not None:
+        await c._correct_state()  # retires it (its data moves to the others), pays it
+    return successor
 
 
 class IdleGuard:
@@ -158,9 +173,115 @@ class IdleGuard:
             self.last_busy = now
 
 
+@dataclass
+class _Delivery:
+    """What one worker delivered while saturated, and its last window of samples."""
+
+    provider: str
+    name: str
+    threads: int
+    samples: deque[tuple[bool, Decimal, frozenset[str]]]  # saturated, share of threads used, task kinds
+    bought_cpu_sec: Decimal = Decimal(0)
+    delivered_cpu_sec: Decimal = Decimal(0)
+    flagged: bool = False
+
+
+class CapacityWatch:
+    """Compares what each worker delivers with the threads its provider sold.
+
+    Sampled from the scheduler: a worker is *saturated* when it runs at least as many
+    tasks as it has threads, and then it should keep those threads busy.  One that stays
+    saturated for the whole window (``golem.cluster.capacity-window``) while using under
+    half of its threads, when another worker in the same window shows the work is
+    CPU-bound (at least 80% of its threads, running tasks of the same kind), is caught: it is handed over to a successor
+    from another provider, paid only its delivered share, and remembered (the reputation
+    store ranks that provider's offers by what it delivers).  Without a CPU-bound peer
+    nothing is concluded: slow I/O looks the same.
+    """
+
+    def __init__(self, cluster: Any, interval_s: float, window_s: float) -> None:
+        self.cluster = cluster
+        self.interval_s = interval_s
+        self.size = max(2, int(round(window_s / interval_s)))
+        self.window_s = window_s
+        self.seen: dict[str, _Delivery] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                now = loop.time()
+                self.check(Decimal(str(round(now - last, 3))))
+                last = now
+        finally:
+            for name in list(self.seen):
+                self._remember(name)
+
+    def check(self, elapsed: Decimal) -> None:
+        c = self.cluster
+        scheduler = c.scheduler
+        if scheduler is None:
+            return
+        states = {str(ws.name): ws for ws in scheduler.workers.values()}
+        for name, worker in list(c.workers.items()):
+            ws, deal = states.get(name), getattr(worker, "deal", None)
+            if ws is None or deal is None:
+                continue
+            threads = max(1, int(ws.nthreads or 1))
+            seen = self.seen.setdefault(name, _Delivery(deal.agreement.provider_id, deal.candidate.name, threads,
+                                                        deque(maxlen=self.size)))
+            used = Decimal(str(ws.metrics.get("cpu", 0) or 0)) / 100  # cores busy
+            saturated = len(ws.processing) >= threads
+            kinds = frozenset(str(ts.prefix.name) for ts in ws.processing)
+            seen.samples.append((saturated, min(Decimal(1), used / threads), kinds))
+            if saturated:
+                seen.bought_cpu_sec += threads * elapsed
+                seen.delivered_cpu_sec += min(Decimal(threads), used) * elapsed
+        full = {n: sum((f for _, f, _ in d.samples), Decimal(0)) / len(d.samples) for n, d in self.seen.items()
+                if len(d.samples) == self.size and all(s for s, _, _ in d.samples) and n in c.workers}
+        ran: dict[str, frozenset[str]] = {n: frozenset().union(*(k for _, _, k in self.seen[n].samples))
+                                          for n in full}
+        for name, share in full.items():
+            # Caught only beside a worker running the same kind of task at full speed.
+            if share < Decimal("0.5") and not self.seen[name].flagged and any(
+                    other >= Decimal("0.8") and ran[peer] & ran[name] for peer, other in full.items()):
+                self._caught(name, share)
+        for name in [n for n in self.seen if n not in c.workers]:
+            self._remember(name)
+
+    def _caught(self, name: str, share: Decimal) -> None:
+        c, seen = self.cluster, self.seen[name]
+        seen.flagged = True
+        worker = c.workers[name]
+        c.events.emit("warning", f"{name} delivered {share:.0%} of the {seen.threads} threads {seen.name} sold "
+                      f"over {self.window_s:g}s: replacing it, paying only what it delivered, and avoiding "
+                      f"{seen.name}", worker=name, provider=seen.provider, delivered=share)
+        c.accountant.delivered(worker.deal.agreement.id, share)
+        c.negotiator.excluded.add(seen.provider)
+        if c.negotiator.reputation is not None:
+            c.negotiator.reputation.flag(seen.provider, seen.name)
+        task = asyncio.get_running_loop().create_task(hand_over(c, name), name=f"golem-replace-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _remember(self, name: str) -> None:
+        seen = self.seen.pop(name)
+        reputation = self.cluster.negotiator.reputation
+        if reputation is not None and seen.bought_cpu_sec > 0:
+            reputation.delivered(seen.provider, seen.name, bought_cpu_sec=seen.bought_cpu_sec,
+                                 delivered_cpu_sec=seen.delivered_cpu_sec)
+
+
 def upkeep_tasks(cluster: Any) -> list[tuple[str, Coroutine[Any, Any, None]]]:
     """The background work of a running cluster: renewals, the idle guard, paying as it goes."""
-    tasks: list[tuple[str, Coroutine[Any, Any, None]]] = [("golem-renewals", Renewals(cluster).run())]
+    tasks: list[tuple[str, Coroutine[Any, Any, None]]] = [
+        ("golem-renewals", Renewals(cluster).run()),
+        ("golem-capacity", CapacityWatch(cluster, config.seconds("payment.metering-interval"),
+                                         config.seconds("cluster.capacity-window")).run()),
+    ]
     if cluster.idle_timeout_s:
         tasks.append(("golem-idle-guard", IdleGuard(cluster, cluster.idle_timeout_s).run()))
     interval = config.get("payment.pay-interval")
@@ -168,6 +289,28 @@ def upkeep_tasks(cluster: Any) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         tasks.append(("golem-pay-as-you-go", cluster.accountant.pay_as_you_go(
             cluster.market, config.seconds("payment.pay-interval"))))
     return tasks
+
+
+def replace_lost(cluster: Any, name: str, reason: str) -> None:
+    """A running worker's activity died: pay what it ran, remember the provider's failure,
+    start a replacement (unless it was retired on purpose)."""
+    c = cluster
+    if name not in c.worker_spec or c.status != Status.running:
+        return  # retired on purpose (scale-down, close): nothing was lost
+    worker = c.workers.pop(name, None)
+    if worker is None:
+        return
+    deal = getattr(worker, "deal", None)
+    if deal is not None and c.negotiator.reputation is not None:
+        c.negotiator.reputation.failure(deal.agreement.provider_id, deal.candidate.name)
+    lines = [line for line in reason.splitlines() if line.strip()] or ["unknown reason"]
+    last = f" (last log line: {lines[-1].strip()})" if len(lines) > 1 else ""
+    c.events.emit("warning", f"worker {name} lost: {lines[0]}{last}; replacing it", reason=reason)
+    c._futures.add(asyncio.ensure_future(worker.close()))
+    spec = c.worker_spec.pop(name)
+    c.worker_spec[c._new_worker_name(c._i)] = spec
+    c._i += 1
+    c._correct_state()
 
 
 def affordable(cluster: Any, n: int) -> int:

@@ -162,3 +162,132 @@ def test_a_lost_workers_outputs_are_collected(tmp_path) -> None:  # type: ignore
         wait_until("its files removed", lambda: not os.path.exists(sandbox), 30)
         client.wait_for_workers(1, timeout=60)
         assert any("lost" in str(e) for e in cluster.events.of_kind("warning"))
+
+
+def _agents(slow_key: str, fair_key: str):  # type: ignore[no-untyped-def]
+    """Two providers on this machine: 'slow' (cheaper, 1 thread) and 'fair' (2 threads)."""
+    from golem_dask.protocol.identity import Wallet
+    from golem_dask.protocol.pricing import LinearPricing
+    from golem_dask.protocol.properties import Resources
+    from golem_dask.provider.agent import ProviderAgent, ProviderSettings
+    from golem_dask.provider.runtime.policy import TransferPolicy
+    from golem_dask.provider.runtime.process import ProcessRuntime
+
+    def agent(name: str, threads: int, cpu_hour: str, key: str) -> ProviderAgent:
+        settings = ProviderSettings(name=name, capacity=Resources(threads, 4 * 2**30, 4 * 2**30),
+                                    pricing=LinearPricing.per_hour(Decimal(cpu_hour), Decimal("0.01")),
+                                    platform="erc20-devnet-glm", debit_note_interval_s=1)
+        runtime = ProcessRuntime(policy=TransferPolicy.trusting(), inherit_environment=True)
+        return ProviderAgent(settings, runtime, Wallet.from_key(key))
+
+    return [agent("slow", 1, "0.05", slow_key), agent("fair", 2, "0.1", fair_key)]
+
+
+class Throttle:
+    """Lets a process run a quarter of the time (SIGSTOP/SIGCONT), like a CPU quota."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.done = pid, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import os
+        import signal
+
+        try:
+            while not self.done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                time.sleep(0.09)
+                os.kill(self.pid, signal.SIGCONT)
+                time.sleep(0.03)
+        except ProcessLookupError:
+            return
+        finally:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+
+
+def test_a_provider_delivering_a_quarter_is_caught_replaced_paid_its_share_and_avoided() -> None:
+    import os
+
+    from golem_dask.market.local import LocalMarket
+    from golem_dask.market.reputation import Reputation
+
+    slow_key, fair_key = "51" * 32, "52" * 32
+    Reputation._shared.pop(":memory:", None)  # a fresh memory for this test
+    config = {"golem.cluster.capacity-window": "5s", "golem.payment.metering-interval": "200ms"}
+    with dask.config.set(config), GolemCluster(n_workers=2, cpu=1, budget="2",
+                                                market=LocalMarket(_agents(slow_key, fair_key))) as cluster, \
+            Client(cluster) as client:
+        slow = next(w for w in cluster.workers.values() if w.deal.candidate.name == "slow")
+        (pid,) = client.run(os.getpid, workers=[slow.address]).values()
+        throttle = Throttle(pid)
+        caught_at = None
+        try:
+            started = time.monotonic()
+            work = client.map(lambda i: sum(range(12_000_000)) + i, range(400), pure=False)
+            wait_until("the slow provider caught", lambda: any(
+                "delivered" in str(e) and "slow" in str(e) for e in cluster.events.of_kind("warning")), 60)
+            caught_at = time.monotonic() - started
+            wait_until("its replacement", lambda: len(cluster.workers) == 2 and all(
+                w.deal.candidate.name == "fair" for w in cluster.workers.values() if w.deal), 60)
+            client.cancel(work)
+        finally:
+            throttle.stop()
+    assert caught_at is not None and caught_at < 60
+    entry = next(e for e in cluster.bill().entries if e.agreement_id == slow.agreement_id)
+    assert entry.status == "paid" and "delivered" in (entry.reason or ""), entry
+    asked = cluster.accountant.accounts[slow.agreement_id].invoice.amount
+    assert entry.paid == entry.amount < asked
+    record = Reputation.for_ledger(None).record(slow.deal.agreement.provider_id)
+    assert record is not None and record.flagged == 1 and record.delivered is not None and record.delivered < 0.5
+    # Another cluster, the same two providers: the cheaper slow one is no longer first choice.
+    with GolemCluster(n_workers=1, cpu=1, budget="2", market=LocalMarket(_agents(slow_key, fair_key))) as again:
+        (worker,) = again.workers.values()
+        assert worker.deal.candidate.name == "fair"
+
+
+def test_slow_io_beside_busy_cpu_is_not_taken_for_a_short_delivery() -> None:
+    config = {"golem.cluster.capacity-window": "3s", "golem.payment.metering-interval": "200ms"}
+    with dask.config.set(config), GolemCluster(n_workers=2, cpu=1, budget="2") as cluster, \
+            Client(cluster) as client:
+        a, b = (w.address for w in cluster.workers.values())
+        def spin(i: int) -> int:  # half a second of CPU
+            end = time.process_time() + 0.5
+            while time.process_time() < end:
+                pass
+            return i
+
+        cpu = client.map(spin, range(16), workers=[a], pure=False)
+        io = client.map(lambda i: time.sleep(1.5) or i, range(6), workers=[b], pure=False)
+        client.gather(cpu + io)
+        assert not [str(e) for e in cluster.events.of_kind("warning") if "delivered" in str(e)]
+        assert len(cluster.workers) == 2
+
+
+def test_golem_dask_providers_lists_what_is_remembered(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from golem_dask.cli import main
+    from golem_dask.market.reputation import Reputation
+
+    path = str(tmp_path / "reputation.sqlite")
+    store = Reputation(path)
+    store.agreement("0xA", "lab-1")
+    store.delivered("0xA", "lab-1", bought_cpu_sec=Decimal(40), delivered_cpu_sec=Decimal(10))
+    store.flag("0xA", "lab-1")
+    store.failure("0xB", "lab-2")
+    assert main(["providers", "--path", path, "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed["lab-1"]["delivered"] == "0.25" and listed["lab-1"]["flagged"] == 1
+    assert listed["lab-2"]["failures"] == 1 and listed["lab-2"]["delivered"] is None
+    assert main(["providers", "--path", path]) == 0
+    table = capsys.readouterr().out
+    assert "lab-1" in table and "25%" in table

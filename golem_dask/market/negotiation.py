@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections import Counter
@@ -29,6 +30,7 @@ from golem_dask.errors import (
 )
 from golem_dask.market.base import Market, OfferReceived, OfferWithdrawn
 from golem_dask.market.demand import DemandSpec, PriceCaps
+from golem_dask.market.reputation import Reputation
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import constraints as C
 from golem_dask.protocol import properties as P
@@ -176,6 +178,7 @@ class Negotiator:
         expected_s: Decimal,
         utilisation: Decimal,
         events: Any = None,
+        reputation: Reputation | None = None,
     ) -> None:
         self.market = market
         self.spec = spec
@@ -196,10 +199,14 @@ class Negotiator:
         self._changed = asyncio.Condition()
         self._first_offer_at: float | None = None
         self._lock = asyncio.Lock()
+        #: What we remember of providers: offers rank by price / delivered capacity.
+        self.reputation = reputation
+        #: Providers this cluster stopped renting from (caught delivering too little).
+        self.excluded: set[str] = set()
 
     @classmethod
     def from_config(cls, market: Market, spec: DemandSpec, requestor_address: str, budget: Reservations,
-                    events: Any = None) -> Negotiator:
+                    events: Any = None, reputation: Reputation | None = None) -> Negotiator:
         """A negotiator with the timeouts and scoring of ``golem.market.*`` config."""
         return cls(
             market, spec, requestor_address, budget,
@@ -208,6 +215,7 @@ class Negotiator:
             expected_s=Decimal(str(config.seconds("market.expected-duration"))),
             utilisation=Decimal(str(config.get("market.expected-utilisation"))),
             events=events,
+            reputation=reputation,
         )
 
     def _emit(self, kind: str, message: str, **data: Any) -> None:
@@ -248,6 +256,8 @@ class Negotiator:
             self.refused[proposal.offer_id] = result
             self._emit("rejected", f"offer from {name} refused: {result}", provider=proposal.provider_id)
             return
+        if self.reputation is not None and (factor := self.reputation.factor(proposal.provider_id)) != 1:
+            result = dataclasses.replace(result, expected_cost=result.expected_cost * factor)
         if self._first_offer_at is None:
             self._first_offer_at = asyncio.get_running_loop().time()
         self.candidates[proposal.offer_id] = result
@@ -283,7 +293,8 @@ class Negotiator:
             window = self.market.collection_window_s
             if window and self._first_offer_at is not None and loop.time() < self._first_offer_at + window:
                 await asyncio.sleep(self._first_offer_at + window - loop.time())
-            options = [c for c in rank(self.candidates.values()) if c.proposal.offer_id not in declined_here]
+            options = [c for c in rank(self.candidates.values()) if c.proposal.offer_id not in declined_here
+                       and c.proposal.provider_id not in self.excluded]
             if not options:
                 try:
                     await self._wait_for_offers(deadline)
@@ -302,6 +313,8 @@ class Negotiator:
             except ProposalRejected as e:
                 declined_here.add(candidate.proposal.offer_id)
                 self.declined[candidate.proposal.offer_id] = str(e)
+                if self.reputation is not None:
+                    self.reputation.refusal(candidate.proposal.provider_id, candidate.name)
                 logger.info("%s declined by %s: %s", worker, candidate.name, e)
             except NetworkError as e:
                 declined_here.add(candidate.proposal.offer_id)
@@ -325,6 +338,8 @@ class Negotiator:
         except BaseException:
             self.budget.release(reservation)
             raise
+        if self.reputation is not None:
+            self.reputation.agreement(approved.provider_id, candidate.name)
         self._emit(
             "agreement",
             f"agreement {approved.id[:8]} with {candidate.name} for {worker} "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -54,6 +54,8 @@ class AgreementAccount:
     amount: Decimal = Decimal(0)
     paid: Decimal = Decimal(0)
     tx_hash: str | None = None
+    #: Share of its threads the worker was caught delivering (None: not caught).
+    delivered_share: Decimal | None = None
     invoice_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     checking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one check and payment at a time
@@ -139,6 +141,17 @@ def check_amount(amount: Decimal, account: AgreementAccount, tolerance: Toleranc
     return None
 
 
+def delivered_cap(invoice: Invoice, account: AgreementAccount, tolerance: Tolerance) -> Decimal:
+    """The most an invoice may be paid for a worker caught delivering a share of its
+    threads: its CPU as billed, and that share (plus the tolerance) of the time billed."""
+    share = min(Decimal(1), (account.delivered_share or Decimal(1)) * (1 + tolerance.relative))
+    if not invoice.usage:  # the yagna daemon's invoices state no usage
+        return min(invoice.amount, max_due(account, tolerance) * share)
+    usage = dict(invoice.usage)
+    usage[P.USAGE_DURATION_SEC] = Decimal(usage.get(P.USAGE_DURATION_SEC, 0)) * share
+    return min(invoice.amount, account.pricing.cost(usage))
+
+
 async def _tell(call: Any, what: str) -> Any:
     """Deliver an answer to a provider, best effort: it may be gone, and what we decided is
     already recorded (a provider re-sends what it has no answer for)."""
@@ -211,6 +224,13 @@ class Accountant:
         account = self.accounts.get(agreement_id)
         if account is not None and account.started is not None and account.stopped is None:
             account.stopped = time.time()
+
+    def delivered(self, agreement_id: str, share: Decimal) -> None:
+        """The worker was caught delivering ``share`` of its threads: pay at most that share
+        of the time it was sold (its CPU as measured)."""
+        account = self.accounts.get(agreement_id)
+        if account is not None:
+            account.delivered_share = share
 
     def observe_cpu(self, agreement_id: str, cpu_sec: Decimal) -> None:
         """Add CPU seconds the scheduler saw a worker use."""
@@ -338,10 +358,17 @@ class Accountant:
             await _tell(market.reject(invoice, reason), "rejecting an invoice")
             account.settled.set()
             return account
-        account.amount = invoice.amount
-        self._commit(invoice.id, agreement_id, "invoice", invoice.amount)
-        await _tell(market.accept(invoice, invoice.amount), "accepting an invoice")
-        due = invoice.amount - self._committed(agreement_id)
+        accepted = invoice.amount
+        if account.delivered_share is not None:
+            accepted = min(accepted, delivered_cap(invoice, account, self.tolerance))
+            if accepted < invoice.amount:
+                account.reason = (f"accepted {plain(accepted)} of {plain(invoice.amount)} GLM: it delivered "
+                                  f"{account.delivered_share:.0%} of the threads it sold")
+                self._emit("invoice", f"{account.worker}: {account.reason}")
+        account.amount = accepted
+        self._commit(invoice.id, agreement_id, "invoice", accepted)
+        await _tell(market.accept(invoice, accepted), "accepting an invoice")
+        due = accepted - self._committed(agreement_id)
         if due <= 0:
             account.status = EntryStatus.NOTHING_DUE if invoice.amount == 0 else EntryStatus.PAID
             self.budget.settle(agreement_id, Decimal(0))  # what was paid before is spent already
@@ -432,24 +459,26 @@ class Accountant:
         await _tell(market.notify_payment(payment), f"announcing payment {transfer.tx_hash}")
 
     def bill(self) -> Bill:
-        entries = []
-        for account in self.accounts.values():
-            usage = dict(account.invoice.usage) if account.invoice else (
-                dict(account.last_debit_note.usage) if account.last_debit_note else {}
-            )
-            entries.append(
-                BillEntry(
-                    worker=account.worker,
-                    provider=account.agreement.provider_id,
-                    agreement_id=account.agreement.id,
-                    usage=usage,
-                    observed_cpu_sec=account.observed_cpu_sec,
-                    observed_duration_sec=account.duration(),
-                    amount=account.invoice.amount if account.invoice else account.paid,
-                    status=account.status.value,
-                    tx_hash=account.tx_hash,
-                    reason=account.reason,
-                    paid=account.paid,
-                )
-            )
-        return Bill(tuple(entries), self.payer.platform, self.payer.address)
+        return bill_of(self.accounts.values(), self.payer)
+
+
+def bill_of(accounts: Iterable[AgreementAccount], payer: Payer) -> Bill:
+    """The bill: one entry per agreement, with what was asked, accepted and paid."""
+    entries = []
+    for account in accounts:
+        invoice, note = account.invoice, account.last_debit_note
+        usage = dict(invoice.usage) if invoice else (dict(note.usage) if note else {})
+        entries.append(BillEntry(
+            worker=account.worker,
+            provider=account.agreement.provider_id,
+            agreement_id=account.agreement.id,
+            usage=usage,
+            observed_cpu_sec=account.observed_cpu_sec,
+            observed_duration_sec=account.duration(),
+            amount=account.amount or (invoice.amount if invoice else account.paid),
+            status=account.status.value,
+            tx_hash=account.tx_hash,
+            reason=account.reason,
+            paid=account.paid,
+        ))
+    return Bill(tuple(entries), payer.platform, payer.address)
