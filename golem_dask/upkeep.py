@@ -202,7 +202,7 @@ class CapacityWatch:
     def __init__(self, cluster: Any, interval_s: float, window_s: float) -> None:
         self.cluster = cluster
         self.interval_s = interval_s
-        self.size = max(2, int(round(window_s / interval_s)))
+        self.size = max(2, round(window_s / interval_s))
         self.window_s = window_s
         self.seen: dict[str, _Delivery] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

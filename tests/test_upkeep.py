@@ -104,7 +104,7 @@ def test_a_scale_down_moves_the_leaving_workers_data() -> None:
     """Even from a provider that kills a stopped worker at once (no chance to hand over)."""
     data = np.arange(200_000, dtype="f8")
     with dask.config.set({"golem.provider.stop-grace": "0s"}), \
-            GolemCluster(n_workers=2, cpu=1, budget="1") as cluster, Client(cluster) as client:
+            GolemCluster(n_workers=2, cpu=1, budget="1") as cluster, Client(cluster):
         plugin = Recomputes()
         cluster.scheduler.add_plugin(plugin)
         x = da.from_array(data, chunks=20_000).persist()
