@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 from golem_dask.image import default_tag
-from golem_dask.provider.runtime.docker import LABEL
+from golem_dask.provider.runtime.docker import LABEL, LABEL_AGENT_PID
 
 REQUIRED = os.environ.get("GOLEM_DASK_REQUIRE_DOCKER") == "1"
 
@@ -41,8 +42,20 @@ def docker_client():
     client.close()
 
 
+def _another_session(container) -> bool:
+    """Whether a live process outside this test session runs ``container`` (a user's cluster or a
+    benchmark on the same engine): not this session's to judge or remove."""
+    pid = int(container.labels.get(LABEL_AGENT_PID) or 0)
+    try:
+        chain = [psutil.Process(pid), *psutil.Process(pid).parents()] if pid else []
+    except psutil.Error:
+        return False
+    return bool(chain) and all(p.pid != os.getpid() for p in chain)
+
+
 def our_containers(client) -> list:
-    return client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
+    """Containers of golem-dask this session made (or whose agent is gone)."""
+    return [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}=1"}) if not _another_session(c)]
 
 
 @pytest.fixture
