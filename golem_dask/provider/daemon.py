@@ -55,6 +55,9 @@ class ProviderDaemon:
         self.agent = agent
         self.link = HubLink(hub_url, wallet, "provider", self._on_message, self._on_connect)
         self.payment_check = payment_check
+        # With a chain to check on, a payment counts towards the payment timeout only once found
+        # there; without one, the announcement is all this provider can know.
+        agent.trusts_announcements = payment_check is None
         self._receivables = receivables
         self._crediting = asyncio.Lock()
         self._closing = False
@@ -245,6 +248,8 @@ class ProviderDaemon:
                          ", ".join(payment.invoice_ids or payment.agreement_ids))
             return
         self.verified.append((payment.tx_hash, credit.credited))
+        for agreement_id in credit.agreements:
+            self.agent.credit(agreement_id, await asyncio.to_thread(self.receivables.paid, agreement_id))
         # Printed, not only logged: the operator (and the tests) read this line.
         print(f"payment verified: {credit.credited} GLM in {payment.tx_hash} for invoices "
               f"{', '.join(payment.invoice_ids)}" + (f" (paid in full: {', '.join(credit.paid_invoices)})"

@@ -2,7 +2,8 @@
 
 A :class:`Deal` runs the agreement's one activity through the exe-script (``deploy``,
 ``start``, ``transfer``, ``run``, ``terminate``), reports its states, watches the worker,
-sends debit notes while it runs, and stops it (always, also after a failure).  The
+sends debit notes while it runs, ends the agreement when accepted debit notes are not paid
+within the agreed payment timeout, and stops it (always, also after a failure).  The
 :class:`~golem_dask.provider.agent.ProviderAgent` owns the deals; a deal knows only its
 own agreement and how to send a message to its requestor.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from golem_dask import config
@@ -19,6 +21,7 @@ from golem_dask.errors import ActivityError
 from golem_dask.protocol.messages import Activity, ActivityState, Agreement, DebitNote, ExeCommand, Invoice
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol.sealing import activity_aad, open_command
+from golem_dask.protocol import properties as P
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.metering import UsageMeter
 from golem_dask.provider.runtime.base import RuntimeActivity
@@ -65,6 +68,9 @@ class Deal:
         self._on_end = on_end
         self._tasks: set[asyncio.Task[Any]] = set()
         self._discard_at: asyncio.TimerHandle | None = None  # a stopped activity's files are kept
+        self.paid = Decimal(0)  # what the requestor paid for this agreement (checked on chain by a daemon)
+        self._notes: dict[str, Decimal] = {}  # debit notes sent and not yet accepted: id -> total due
+        self._dues: list[tuple[float, Decimal]] = []  # accepted notes: (loop-time deadline, amount)
 
     def __repr__(self) -> str:
         return f"<Deal {self.agreement.id[:8]} {self.resources}>"
@@ -148,14 +154,68 @@ class Deal:
                 return
             self.meter.record_cpu(await act.cpu_seconds())
             usage = self.meter.usage()
-            await self._send(DebitNote(
+            note = DebitNote(
                 agreement_id=self.agreement.id,
                 activity_id=act.activity_id,
                 usage=usage,
                 total_amount_due=pricing.cost(usage),
                 issuer_id=self.agreement.provider_id,
                 recipient_id=self.agreement.requestor_id,
-            ))
+            )
+            self._notes[note.id] = note.total_amount_due
+            await self._send(note)
+
+    # -- paid as it goes --------------------------------------------------------------
+
+    @property
+    def payment_timeout_s(self) -> float | None:
+        """The agreed time to pay an accepted debit note (``golem.com.scheme.payu.payment-timeout-sec?``
+        in the demand); ``None``: everything is paid after the invoice."""
+        raw = self.agreement.demand.properties.get(P.PAYMENT_TIMEOUT)
+        try:
+            return float(raw) if raw else None
+        except (TypeError, ValueError):
+            return None
+
+    def accepted(self, note_id: str, amount: Decimal) -> bool:
+        """The requestor accepted one of this deal's debit notes (False: not one of ours).
+        Under pay-as-you-go terms, ``amount`` (at most what the note asked) is then due within
+        the payment timeout, plus ``golem.provider.payment-grace`` for the chain."""
+        asked = self._notes.pop(note_id, None)
+        if asked is None:
+            return False
+        timeout = self.payment_timeout_s
+        if timeout is not None and not self.ending:
+            deadline = asyncio.get_running_loop().time() + timeout + config.seconds("provider.payment-grace")
+            first = not self._dues
+            self._dues.append((deadline, min(amount, asked)))
+            if first:
+                self.spawn(self._enforce_payment())
+        return True
+
+    def credit(self, paid: Decimal) -> None:
+        """The requestor's payments for this agreement now total ``paid``."""
+        self.paid = max(self.paid, paid)
+
+    def overdue(self) -> Decimal | None:
+        """The largest accepted amount whose time to pay passed and that is not paid."""
+        now = asyncio.get_running_loop().time()
+        due = max((amount for deadline, amount in self._dues if deadline <= now), default=Decimal(0))
+        self._dues = [(d, a) for d, a in self._dues if a > self.paid]
+        return due if due > self.paid else None
+
+    async def _enforce_payment(self) -> None:
+        """End the agreement when the requestor does not pay what it accepted in time: a
+        provider is not obliged to run on credit past the terms it agreed to."""
+        loop = asyncio.get_running_loop()
+        while self._dues and not self.ending:
+            await asyncio.sleep(max(0.05, min(d for d, _ in self._dues) - loop.time()))
+            owed = self.overdue()
+            if owed is not None and self._on_end is not None:
+                await self._on_end(f"not paid on time: {owed} GLM of accepted debit notes was due within "
+                                   f"{self.payment_timeout_s:g}s (golem.com.scheme.payu.payment-timeout-sec) "
+                                   f"and {self.paid} GLM was paid")
+                return
 
     async def stop(self, state: ActivityState, reason: str, keep_sandbox: bool = False) -> None:
         """Stop the activity (once), with its last CPU reading, and report ``state``.
