@@ -315,11 +315,13 @@ def replace_lost(cluster: Any, name: str, reason: str) -> None:
 
 def affordable(cluster: Any, n: int) -> int:
     """``n``, or fewer: the workers there are plus those whose worst case the budget left
-    can still reserve (at the cheapest offer the negotiator knows)."""
+    can still reserve (at the cheapest offer the negotiator knows or its workers took)."""
     current = len(cluster.workers)
     if n <= current:
         return n
     costs = [c.worst_case for c in cluster.negotiator.candidates.values()]
+    # Offers already taken (a hub's providers sell their slice whole) still price the next worker.
+    costs += [w.deal.candidate.worst_case for w in cluster.workers.values() if getattr(w, "deal", None)]
     if not costs:
         return n  # nothing known yet: the negotiation itself refuses what is unaffordable
     cheapest = min(costs)

@@ -203,6 +203,7 @@ class Negotiator:
         self.reputation = reputation
         #: Providers this cluster stopped renting from (caught delivering too little).
         self.excluded: set[str] = set()
+        self._budget_said: tuple[Decimal, Decimal] | None = None  # the last budget shortfall said
 
     @classmethod
     def from_config(cls, market: Market, spec: DemandSpec, requestor_address: str, budget: Reservations,
@@ -304,8 +305,10 @@ class Negotiator:
             affordable = [c for c in options if self.budget.can_afford(c.worst_case)]
             if not affordable:
                 cheapest = min(c.worst_case for c in options)
-                self._emit("budget", f"budget cannot cover another agreement (worst case {cheapest} GLM, "
-                           f"{self.budget.remaining} GLM left)")
+                if self._budget_said != (cheapest, self.budget.remaining):  # once, not per worker asked
+                    self._budget_said = (cheapest, self.budget.remaining)
+                    self._emit("budget", f"budget cannot cover another agreement (worst case {cheapest} GLM, "
+                               f"{self.budget.remaining} GLM left)")
                 raise BudgetExceededError(self.budget.shortfall(cheapest))
             candidate = affordable[0]
             try:
