@@ -24,7 +24,7 @@ import pytest
 from distributed import Client
 
 from docker_support import docker_client, no_leaked_containers, our_containers  # noqa: F401
-from net_support import free_port
+from net_support import free_port, s3_server  # noqa: F401
 from golem_dask import GolemCluster
 from golem_dask.provider.factory import embedded_agents
 from golem_dask.errors import ActivityError, ConfigError
@@ -50,21 +50,6 @@ def docker_config():
         "golem.market.negotiation-timeout": "10s",
     }):
         yield
-
-
-@pytest.fixture
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    try:
-        yield options
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -95,7 +80,7 @@ def engine_cpu_seconds(client, agreement_id: str) -> float:
     return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
 
 
-def test_dataframe_job_with_s3_and_http_inputs_and_local_outputs(docker_client, s3_server, http_dir, tmp_path):
+def test_dataframe_job_with_s3_and_http_inputs_and_local_outputs(docker_client, s3_server, http_dir, tmp_path):  # noqa: F811
     import s3fs
 
     rng = np.random.default_rng(7)
@@ -447,7 +432,6 @@ def test_links_a_worker_makes_in_its_container_are_never_followed(docker_client,
 
 def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path):
     from fleet_support import provider_banner
-    from net_support import free_port
 
     env = {**__import__("os").environ, "GOLEM_DASK_PROVIDER_KEY": "0x" + "cd" * 32,
            "DASK_GOLEM__PROVIDER__DATA_DIR": str(tmp_path)}

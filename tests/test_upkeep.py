@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from decimal import Decimal
+from typing import Any
 
 import dask
 import dask.array as da
@@ -11,10 +12,20 @@ import numpy as np
 import pytest
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
+from docker_support import docker_client, no_leaked_containers  # noqa: F401
 
 from golem_dask import GolemCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(params=["process", "docker"])
+def runtime(request) -> str:  # type: ignore[no-untyped-def]
+    """Each capability on both runtimes of the embedded market; docker needs the engine and
+    the worker image (a failure in CI, a skip elsewhere) and must leave no container."""
+    if request.param == "docker":
+        request.getfixturevalue("no_leaked_containers")
+    return str(request.param)
 
 
 class Recomputes(SchedulerPlugin):
@@ -38,12 +49,12 @@ def wait_until(what: str, check, timeout_s: float = 60) -> None:  # type: ignore
         time.sleep(0.1)
 
 
-def test_workers_outlive_their_agreements_and_keep_their_data() -> None:
+def test_workers_outlive_their_agreements_and_keep_their_data(runtime: str) -> None:
     """Three agreement lifetimes: each worker is handed over before its agreement expires;
     the persisted keys move with it and are never recomputed; every agreement is paid."""
     data = np.arange(300_000, dtype="f8")
     with dask.config.set({"golem.market.agreement-lifetime": "12s"}), \
-            GolemCluster(n_workers=1, cpu=1, budget="2") as cluster, Client(cluster) as client:
+            GolemCluster(n_workers=1, cpu=1, budget="2", runtime=runtime) as cluster, Client(cluster) as client:
         plugin = Recomputes()
         cluster.scheduler.add_plugin(plugin)
         x = da.from_array(data, chunks=50_000).persist()
@@ -55,7 +66,8 @@ def test_workers_outlive_their_agreements_and_keep_their_data() -> None:
         while time.monotonic() - started < 38:
             assert float(x.sum().compute()) == float(data.sum())
             time.sleep(1)
-        assert plugin.recomputed == []
+        events = [str(e) for e in cluster.events]
+        assert plugin.recomputed == [], (plugin.recomputed, events)
         assert len(cluster.workers) == 1
         handovers = [str(e) for e in cluster.events.of_kind("renewal") if "handed over" in str(e)]
         assert len(handovers) >= 3, handovers
@@ -64,8 +76,8 @@ def test_workers_outlive_their_agreements_and_keep_their_data() -> None:
     assert len(entries) >= 4 and {e.status for e in entries} == {"paid"}
 
 
-def test_an_idle_cluster_retires_and_pays_its_workers_and_rents_again() -> None:
-    with GolemCluster(n_workers=1, budget="1", idle_timeout="2s") as cluster, Client(cluster) as client:
+def test_an_idle_cluster_retires_and_pays_its_workers_and_rents_again(runtime: str) -> None:
+    with GolemCluster(n_workers=1, budget="1", idle_timeout="2s", runtime=runtime) as cluster, Client(cluster) as client:
         assert client.submit(sum, [1, 2]).result() == 3
         wait_until("the idle guard", lambda: not cluster.workers and cluster.bill().entries
                    and cluster.bill().entries[0].status == "paid", 30)
@@ -82,9 +94,9 @@ def test_busy_workers_are_not_idle() -> None:
         assert len(cluster.workers) == 1 and not cluster.events.of_kind("idle")
 
 
-def test_scale_by_cores_and_memory_and_never_past_the_budget() -> None:
+def test_scale_by_cores_and_memory_and_never_past_the_budget(runtime: str) -> None:
     # Worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
-    with GolemCluster(n_workers=0, cpu=1, memory="1GiB", budget="0.25") as cluster, Client(cluster) as client:
+    with GolemCluster(n_workers=0, cpu=1, memory="1GiB", budget="0.25", runtime=runtime) as cluster, Client(cluster) as client:
         cluster.scale(cores=2)
         client.wait_for_workers(2, timeout=60)
         cluster.scale(memory="1GiB")
@@ -118,13 +130,13 @@ def test_a_scale_down_moves_the_leaving_workers_data() -> None:
         assert plugin.recomputed == []
 
 
-def test_accepted_debit_notes_are_paid_while_workers_run() -> None:
+def test_accepted_debit_notes_are_paid_while_workers_run(runtime: str) -> None:
     """Each round pays every running agreement's accepted debit notes in one transaction;
     the invoices at the end pay only the rest, and each provider gets exactly its invoices."""
     from test_cluster_e2e import token_balance
 
     with dask.config.set({"golem.payment.pay-interval": "2s", "golem.provider.debit-note-interval": "1s"}), \
-            GolemCluster(n_workers=2, cpu=1, budget="1") as cluster, Client(cluster) as client:
+            GolemCluster(n_workers=2, cpu=1, budget="1", runtime=runtime) as cluster, Client(cluster) as client:
         busy = client.map(lambda i: sum(range(30_000_000)) + i, range(8))
         assert client.gather(busy) == [sum(range(30_000_000)) + i for i in range(8)]
         wait_until("a mid-run payment round for both", lambda: any(
@@ -139,13 +151,37 @@ def test_accepted_debit_notes_are_paid_while_workers_run() -> None:
     assert token_balance(cluster, provider) == sum(e.amount for e in bill.entries) > paid_while_running
 
 
-def test_a_lost_workers_outputs_are_collected(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_provider_ends_an_agreement_whose_accepted_debit_notes_are_not_paid_in_time(monkeypatch) -> None:
+    """Paid as agreed, a worker runs on; a requestor that stops paying loses it once an
+    accepted debit note is past the payment timeout (+ the provider's grace)."""
+    from golem_dask.payment.accountant import Accountant
+
+    terms = {"golem.payment.pay-interval": "2s", "golem.provider.debit-note-interval": "1s",
+             "golem.provider.payment-grace": "2s"}
+    with dask.config.set(terms), GolemCluster(n_workers=1, cpu=1, budget="1") as cluster, Client(cluster) as client:
+        assert client.submit(time.sleep, 8).result() is None  # four payment rounds
+        assert len(cluster.workers) == 1 and not cluster.events.of_kind("warning")
+        assert len(cluster.accountant.payments) >= 2
+
+    async def pays_nothing(self, market, account):  # type: ignore[no-untyped-def]
+        return Decimal(0)
+
+    monkeypatch.setattr(Accountant, "_pay_accepted", pays_nothing)
+    with dask.config.set(terms), GolemCluster(n_workers=1, cpu=1, budget="1") as cluster, Client(cluster):
+        wait_until("the unpaid provider ending its agreement", lambda: any(
+            "not paid on time" in str(e) for e in cluster.events.of_kind("warning")), 30)
+    bill = cluster.bill()
+    first = bill.entries[0]
+    assert first.status == "paid" and first.paid == first.amount > 0, first
+
+
+def test_a_lost_workers_outputs_are_collected(tmp_path, runtime, request) -> None:  # type: ignore[no-untyped-def]
     """A worker that dies leaves its files with the provider; the cluster collects its
     outputs while replacing it, then the provider removes them."""
     import os
 
     out = tmp_path / "collected"
-    with GolemCluster(n_workers=1, runtime="process", budget="1", outputs={"/golem/output/": f"file://{out}/"}) \
+    with GolemCluster(n_workers=1, runtime=runtime, budget="1", outputs={"/golem/output/": f"file://{out}/"}) \
             as cluster, Client(cluster) as client:
 
         def write() -> str:  # the worker's working directory is its sandbox, /golem
@@ -156,6 +192,13 @@ def test_a_lost_workers_outputs_are_collected(tmp_path) -> None:  # type: ignore
 
         sandbox = client.submit(write, pure=False).result()
         (lost,) = cluster.workers.values()
+        if runtime == "docker":  # the container's /golem is a folder of the provider's
+            from golem_dask.provider.runtime.docker import LABEL_AGREEMENT
+
+            engine = request.getfixturevalue("docker_client")
+            (container,) = engine.containers.list(filters={"label": f"{LABEL_AGREEMENT}={lost.agreement_id}"})
+            sandbox = next(m["Source"] for m in container.attrs["Mounts"] if m["Destination"] == "/golem")
+        assert os.path.exists(os.path.join(sandbox, "output", "result.txt"))
         client.submit(os._exit, 1, workers=[lost.address], pure=False)  # dies without a goodbye
         wait_until("the lost worker's outputs", lambda: (out / "result.txt").exists(), 60)
         assert (out / "result.txt").read_text() == "42"
@@ -164,7 +207,7 @@ def test_a_lost_workers_outputs_are_collected(tmp_path) -> None:  # type: ignore
         assert any("lost" in str(e) for e in cluster.events.of_kind("warning"))
 
 
-def _agents(slow_key: str, fair_key: str):  # type: ignore[no-untyped-def]
+def _agents(slow_key: str, fair_key: str, runtime: str = "process"):  # type: ignore[no-untyped-def]
     """Two providers on this machine: 'slow' (cheaper, 1 thread) and 'fair' (2 threads)."""
     from golem_dask.protocol.identity import Wallet
     from golem_dask.protocol.pricing import LinearPricing
@@ -177,10 +220,32 @@ def _agents(slow_key: str, fair_key: str):  # type: ignore[no-untyped-def]
         settings = ProviderSettings(name=name, capacity=Resources(threads, 4 * 2**30, 4 * 2**30),
                                     pricing=LinearPricing.per_hour(Decimal(cpu_hour), Decimal("0.01")),
                                     platform="erc20-devnet-glm", debit_note_interval_s=1)
-        runtime = ProcessRuntime(policy=TransferPolicy.trusting(), inherit_environment=True)
-        return ProviderAgent(settings, runtime, Wallet.from_key(key))
+        if runtime == "docker":
+            from golem_dask.image import default_tag
+            from golem_dask.provider.runtime.docker import DockerRuntime
+
+            rt: Any = DockerRuntime(default_tag(), provider_name=name, policy=TransferPolicy.trusting())
+        else:
+            rt = ProcessRuntime(policy=TransferPolicy.trusting(), inherit_environment=True)
+        return ProviderAgent(settings, rt, Wallet.from_key(key))
 
     return [agent("slow", 1, "0.05", slow_key), agent("fair", 2, "0.1", fair_key)]
+
+
+class DockerQuota:
+    """Gives a running container a quarter of a CPU (``docker update --cpus 0.25``)."""
+
+    def __init__(self, agreement_id: str) -> None:
+        import subprocess
+
+        from golem_dask.provider.runtime.docker import LABEL_AGREEMENT
+
+        self.container = subprocess.run(["docker", "ps", "-q", "--filter", f"label={LABEL_AGREEMENT}={agreement_id}"],
+                                        capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["docker", "update", "--cpus", "0.25", self.container], capture_output=True, check=True)
+
+    def stop(self) -> None:
+        pass  # the container goes with its agreement
 
 
 class Throttle:
@@ -214,7 +279,7 @@ class Throttle:
         self.thread.join(5)
 
 
-def test_a_provider_delivering_a_quarter_is_caught_replaced_paid_its_share_and_avoided() -> None:
+def test_a_provider_delivering_a_quarter_is_caught_replaced_paid_its_share_and_avoided(runtime: str) -> None:
     import os
 
     from golem_dask.market.local import LocalMarket
@@ -224,11 +289,14 @@ def test_a_provider_delivering_a_quarter_is_caught_replaced_paid_its_share_and_a
     Reputation._shared.pop(":memory:", None)  # a fresh memory for this test
     config = {"golem.cluster.capacity-window": "5s", "golem.payment.metering-interval": "200ms"}
     with dask.config.set(config), GolemCluster(n_workers=2, cpu=1, budget="2",
-                                                market=LocalMarket(_agents(slow_key, fair_key))) as cluster, \
+                                                market=LocalMarket(_agents(slow_key, fair_key, runtime))) as cluster, \
             Client(cluster) as client:
         slow = next(w for w in cluster.workers.values() if w.deal.candidate.name == "slow")
-        (pid,) = client.run(os.getpid, workers=[slow.address]).values()
-        throttle = Throttle(pid)
+        if runtime == "docker":
+            throttle: Any = DockerQuota(slow.agreement_id)
+        else:
+            (pid,) = client.run(os.getpid, workers=[slow.address]).values()
+            throttle = Throttle(pid)
         caught_at = None
         try:
             started = time.monotonic()
@@ -249,7 +317,8 @@ def test_a_provider_delivering_a_quarter_is_caught_replaced_paid_its_share_and_a
     record = Reputation.for_ledger(None).record(slow.deal.agreement.provider_id)
     assert record is not None and record.flagged == 1 and record.delivered is not None and record.delivered < 0.5
     # Another cluster, the same two providers: the cheaper slow one is no longer first choice.
-    with GolemCluster(n_workers=1, cpu=1, budget="2", market=LocalMarket(_agents(slow_key, fair_key))) as again:
+    with GolemCluster(n_workers=1, cpu=1, budget="2", market=LocalMarket(_agents(slow_key, fair_key, runtime))) \
+            as again:
         (worker,) = again.workers.values()
         assert worker.deal.candidate.name == "fair"
 
