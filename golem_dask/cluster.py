@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,8 @@ from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runti
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import affordable, drop_unaffordable, replace_lost, retire_leaving, upkeep_tasks
+from golem_dask.upkeep import (affordable, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
+                               upkeep_tasks)
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -269,6 +271,7 @@ class GolemCluster(SpecCluster):
             self.market.bind_wallet(wallet)
         self.budget = Budget(total)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
+        self.accountant.on_exhausted = functools.partial(retire_unaffordable, self)
         self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events,
                                                  Reputation.of_payer(payer))
         # TLS for every worker that is not a plain process of this machine's own provider.

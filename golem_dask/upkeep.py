@@ -13,7 +13,8 @@
 * :func:`retire_leaving`: workers about to be closed hand their data over first (dask's
   ``SpecCluster`` asks the scheduler to retire them by name where it wants addresses, so
   by itself a scale-down recomputes what the leaving workers held).
-* :func:`affordable`: how many workers the budget can still reserve agreements for.
+* :func:`affordable`: how many workers the budget can still reserve agreements for;
+  :func:`retire_unaffordable`: a worker whose next payment period the budget cannot hold.
 """
 
 from __future__ import annotations
@@ -311,6 +312,14 @@ def replace_lost(cluster: Any, name: str, reason: str) -> None:
     c.worker_spec[c._new_worker_name(c._i)] = spec
     c._i += 1
     c._correct_state()
+
+
+def retire_unaffordable(cluster: Any, agreement_id: str) -> None:
+    """The budget cannot reserve the next payment period of the worker on ``agreement_id``:
+    retire it (its data moves to the others) and pay it, rather than run it unfunded."""
+    name = next((n for n, w in cluster.workers.items() if getattr(w, "agreement_id", None) == agreement_id), None)
+    if name is not None and cluster.worker_spec.pop(name, None) is not None:
+        cluster._correct_state()
 
 
 def affordable(cluster: Any, n: int) -> int:

@@ -131,8 +131,9 @@ def test_scale_down_pays_the_retired_worker_at_once() -> None:
 
 
 def test_budget_too_small_stops_at_what_it_can_afford() -> None:
-    # Worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
-    with GolemCluster(n_workers=3, budget="0.25") as cluster:
+    # Paid at the end, each agreement reserves its worst case over the 1h lifetime:
+    # 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
+    with dask.config.set({"golem.payment.pay-interval": None}), GolemCluster(n_workers=3, budget="0.25") as cluster:
         assert len(cluster.workers) == 2
         assert cluster.budget.reserved == Decimal("0.24")
         warnings = [str(e) for e in cluster.events.of_kind("budget")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import dask
 import pytest
 
 from golem_dask.errors import BudgetExceededError, ConfigError, ConstraintSyntaxError
@@ -78,11 +79,16 @@ def test_scoring_order_under_linear_pricing() -> None:
     assert rank(short)[0] is short[1]
 
 
-def test_worst_case_over_lifetime() -> None:
-    s = spec(lifetime="30m")
-    c = score(as_proposal(offer(cpu_hour="0.1", hour="0.02", start="0.001")), s, Decimal(3600), Decimal("0.5"))
+def test_worst_case_over_lifetime_or_two_payment_periods() -> None:
+    priced = as_proposal(offer(cpu_hour="0.1", hour="0.02", start="0.001"))
+    with dask.config.set({"golem.payment.pay-interval": None}):  # paid at the end: the whole lifetime
+        c = score(priced, spec(lifetime="30m"), Decimal(3600), Decimal("0.5"))
     assert isinstance(c, Candidate)
     assert c.worst_case == Decimal("0.001") + Decimal("0.1") + Decimal("0.01")  # 2 threads * 0.5h + 0.5h
+    with dask.config.set({"golem.payment.pay-interval": "5m"}):  # paid as it goes: 2 * 5 minutes
+        c = score(priced, spec(lifetime="30m"), Decimal(3600), Decimal("0.5"))
+    ten_minutes = Decimal("0.001") + (2 * Decimal("0.1") + Decimal("0.02")) / 6  # 2 threads * 1/6 h + 1/6 h
+    assert isinstance(c, Candidate) and c.worst_case == ten_minutes.quantize(Decimal("1e-18"))  # to the wei
 
 
 def test_caps_refuse_with_reasons() -> None:

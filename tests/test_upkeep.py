@@ -95,8 +95,10 @@ def test_busy_workers_are_not_idle() -> None:
 
 
 def test_scale_by_cores_and_memory_and_never_past_the_budget(runtime: str) -> None:
-    # Worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
-    with GolemCluster(n_workers=0, cpu=1, memory="1GiB", budget="0.25", runtime=runtime) as cluster, Client(cluster) as client:
+    # Paid at the end, the worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
+    with dask.config.set({"golem.payment.pay-interval": None}), \
+            GolemCluster(n_workers=0, cpu=1, memory="1GiB", budget="0.25", runtime=runtime) as cluster, \
+            Client(cluster) as client:
         cluster.scale(cores=2)
         client.wait_for_workers(2, timeout=60)
         cluster.scale(memory="1GiB")
@@ -149,6 +151,45 @@ def test_accepted_debit_notes_are_paid_while_workers_run(runtime: str) -> None:
     assert {e.status for e in bill.entries} == {"paid"}
     assert all(e.paid == e.amount for e in bill.entries)
     assert token_balance(cluster, provider) == sum(e.amount for e in bill.entries) > paid_while_running
+
+
+def test_a_long_agreement_reserves_two_payment_periods_and_stops_when_the_budget_cannot() -> None:
+    """Paid as it goes, an hour-long agreement holds two payment periods of its worst case,
+    topped up after each payment; when the budget left cannot hold the next one, the worker
+    is retired and paid, and the total spent stays within the budget."""
+    from golem_dask.protocol.pricing import LinearPricing
+
+    pricing = LinearPricing.per_hour(Decimal("0.1"), Decimal("0.02"))
+    period = pricing.worst_case(1, Decimal(4))  # 2 x pay-interval
+    budget = 3 * period
+    terms = {"golem.payment.pay-interval": "2s", "golem.provider.debit-note-interval": "1s",
+             "golem.market.agreement-lifetime": "1h"}
+    with dask.config.set(terms), GolemCluster(n_workers=1, cpu=1, budget=str(budget), runtime="process") as cluster, \
+            Client(cluster) as client:
+        assert cluster.budget.reserved == period < pricing.worst_case(1, Decimal(3600)) / 100
+
+        def spin(seconds: float) -> int:
+            end = time.process_time() + seconds
+            while time.process_time() < end:
+                pass
+            return 1
+
+        busy = client.submit(spin, 60, pure=False)
+        try:
+            wait_until("the worker retired for the budget", lambda: not cluster.workers and cluster.bill().entries
+                       and cluster.bill().entries[0].status == "paid", 60)
+        except AssertionError:
+            raise AssertionError(([str(e) for e in cluster.events], cluster.budget.spent, cluster.budget.reserved,
+                                  cluster.accountant.payments)) from None
+        said = [str(e) for e in cluster.events.of_kind("budget")]
+        assert any("cannot reserve the next payment period of golem-0" in e for e in said), said
+        assert len(cluster.accountant.payments) >= 3  # paid as it went, then the rest
+        client.cancel(busy)
+    from test_cluster_e2e import token_balance
+
+    (entry,) = cluster.bill().entries
+    assert entry.paid == entry.amount and cluster.budget.spent == entry.amount <= budget
+    assert token_balance(cluster, entry.provider) == entry.amount  # on chain, mid-run payments and the rest
 
 
 def test_a_provider_ends_an_agreement_whose_accepted_debit_notes_are_not_paid_in_time(monkeypatch) -> None:

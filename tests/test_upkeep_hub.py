@@ -117,8 +117,8 @@ def test_an_unpaying_requestor_loses_its_workers(hub: Fleet, chain: AnvilNode, t
 
 
 def test_idle_guard_then_scale_by_cores_under_a_budget(hub: Fleet, chain: AnvilNode, tmp_path) -> None:
-    # Worst case of a 2-thread worker for the 1h lifetime: 2 * 0.1 + 0 = 0.2 GLM; 0.45 holds two.
-    with requestor(chain, tmp_path), \
+    # Paid at the end, the worst case of a 2-thread worker for the 1h lifetime is 0.22 GLM; 0.45 holds two.
+    with requestor(chain, tmp_path, **{"golem.payment.pay-interval": None}), \
             GolemCluster(n_workers=1, cpu=2, market=hub.url, budget="0.45", idle_timeout="2s") as cluster, \
             Client(cluster) as client:
         assert client.submit(sum, [1, 2]).result() == 3

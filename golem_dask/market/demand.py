@@ -121,6 +121,15 @@ class DemandSpec:
         )
 
     @property
+    def reserve_s(self) -> Decimal:
+        """How far ahead the budget reserves an agreement's worst case: its whole lifetime, or,
+        when accepted debit notes are paid as the work goes, two payment periods (the one
+        running and the one being paid), topped up after each payment."""
+        if self.payment_interval_s:
+            return min(self.lifetime_s, Decimal(2 * self.payment_interval_s))
+        return self.lifetime_s
+
+    @property
     def constraints(self) -> C.Filter:
         """The filter every matching offer must satisfy."""
         r = self.resources

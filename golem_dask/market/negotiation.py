@@ -75,7 +75,7 @@ def score(
         violations = spec.caps.violations(pricing)
         if violations:
             return "; ".join(violations)
-    expected_cost, worst_case = _costs(pricing, spec.resources.cpu_threads, expected_s, utilisation, spec.lifetime_s)
+    expected_cost, worst_case = _costs(pricing, spec.resources.cpu_threads, expected_s, utilisation, spec.reserve_s)
     return Candidate(proposal=proposal, pricing=pricing, expected_cost=expected_cost, worst_case=worst_case)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -54,6 +54,8 @@ class AgreementAccount:
     amount: Decimal = Decimal(0)
     paid: Decimal = Decimal(0)
     tx_hash: str | None = None
+    #: What the budget holds for it at signing, held again after each mid-run payment.
+    reserve: Decimal = Decimal(0)
     #: Share of its threads the worker was caught delivering (None: not caught).
     delivered_share: Decimal | None = None
     invoice_arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -192,6 +194,8 @@ class Accountant:
         self.accounts: dict[str, AgreementAccount] = {}
         self._late: set[asyncio.Task[AgreementAccount]] = set()
         self.payments: list[Payment] = []
+        #: Called with an agreement id when the budget cannot reserve its next payment period.
+        self.on_exhausted: Callable[[str], Any] | None = None
         ledger = getattr(payer, "ledger", None)
         #: Agreements signed and documents accepted, in the payer's ledger (None: a payer without one).
         self.commitments = Commitments(ledger) if isinstance(ledger, Ledger) else None
@@ -208,6 +212,7 @@ class Accountant:
             pricing=LinearPricing.from_properties(agreement.offer.properties),
             worker=worker,
             threads=resources.cpu_threads,
+            reserve=self.budget.reserved_for(reservation),
         )
         self.accounts[agreement.id] = account
         self.budget.rekey(reservation, agreement.id)
@@ -347,8 +352,6 @@ class Accountant:
             reason = check_amount(invoice.amount, account, self.tolerance)
         if reason is None and invoice.payee_addr != account.agreement.provider_id:
             reason = f"payee {invoice.payee_addr} is not the agreement's provider"
-        if reason is None and invoice.amount > self.budget.reserved_for(agreement_id):
-            reason = f"amount {invoice.amount} is over the agreement's worst case"
         if reason is not None:
             account.status = EntryStatus.REJECTED
             account.reason = reason
@@ -365,6 +368,12 @@ class Accountant:
                 account.reason = (f"accepted {plain(accepted)} of {plain(invoice.amount)} GLM: it delivered "
                                   f"{account.delivered_share:.0%} of the threads it sold")
                 self._emit("invoice", f"{account.worker}: {account.reason}")
+        holds = budget_holds(account, self.budget)
+        if accepted > holds:
+            account.reason = (f"accepted {plain(holds)} of {plain(invoice.amount)} GLM: the budget of "
+                              f"{plain(self.budget.total)} GLM is spent")
+            self._emit("budget", f"{account.worker}: {account.reason}")
+            accepted = holds
         account.amount = accepted
         self._commit(invoice.id, agreement_id, "invoice", accepted)
         await _tell(market.accept(invoice, accepted), "accepting an invoice")
@@ -408,6 +417,10 @@ class Accountant:
         account.paid += due
         account.tx_hash = transfer.tx_hash
         self.budget.spend(note.agreement_id, due)
+        if not self.budget.top_up(note.agreement_id, account.reserve) and self.on_exhausted is not None:
+            self._emit("budget", f"the budget left ({self.budget.remaining} GLM) cannot reserve the next payment "
+                       f"period of {account.worker} ({account.reserve} GLM): retiring it")
+            self.on_exhausted(note.agreement_id)
         payment = Payment(self.payer.address, account.agreement.provider_id, due, self.payer.platform, (note.id,),
                           transfer.tx_hash, agreement_ids=(note.agreement_id,))
         self.payments.append(payment)
@@ -460,6 +473,12 @@ class Accountant:
 
     def bill(self) -> Bill:
         return bill_of(self.accounts.values(), self.payer)
+
+
+def budget_holds(account: AgreementAccount, budget: Budget) -> Decimal:
+    """The most an agreement can be paid in all without passing the budget (a worker retired
+    because the budget ran out may have run on while it handed its data over)."""
+    return account.paid + budget.reserved_for(account.agreement.id) + max(Decimal(0), budget.remaining)
 
 
 def bill_of(accounts: Iterable[AgreementAccount], payer: Payer) -> Bill:

@@ -1,7 +1,8 @@
 """The budget: token amounts reserved for agreements, out of a fixed total.
 
-The budget is an allocation: signing an agreement reserves its worst-case cost, paying
-it turns the reservation into what was spent and releases the rest.
+The budget is an allocation: signing an agreement reserves its worst-case cost (over its
+lifetime, or over two payment periods when it is paid as it goes, topped up after each
+payment), paying it turns the reservation into what was spent and releases the rest.
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ class Budget:
         if not self.can_afford(amount):
             raise BudgetExceededError(self.shortfall(amount))
         self._reserved[key] = amount
+
+    def top_up(self, key: str, amount: Decimal) -> bool:
+        """Hold ``amount`` for ``key`` again (after part of it was spent); False, holding
+        what it could, when the budget left cannot cover it.
+
+        >>> b = Budget(Decimal("1"))
+        >>> b.reserve("a", Decimal("0.4")); b.spend("a", Decimal("0.4"))
+        >>> b.top_up("a", Decimal("0.4")), b.top_up("a", Decimal("0.7")), b.reserved_for("a")
+        (True, False, Decimal('0.6'))
+        """
+        held = self._reserved.get(key, Decimal(0))
+        if amount <= held:
+            return True
+        enough = amount - held <= self.remaining
+        self._reserved[key] = amount if enough else held + max(Decimal(0), self.remaining)
+        return enough
 
     def reserved_for(self, key: str) -> Decimal:
         return self._reserved.get(key, Decimal(0))

@@ -342,29 +342,24 @@ class ProviderAgent:
 
     async def on_accepted(self, document_id: str, amount: Decimal) -> None:
         self.accepted[document_id] = amount
-        for deal in list(self._deals.values()):
-            if deal.accepted(document_id, Decimal(amount)):
-                break
+        any(deal.accepted(document_id, Decimal(amount)) for deal in list(self._deals.values()))
 
     async def on_rejected(self, document_id: str, reason: str) -> None:
         self.rejections[document_id] = reason
         logger.warning("%s: requestor rejected %s: %s", self, document_id, reason)
 
     async def on_payment(self, payment: Payment) -> None:
-        """A payment was announced.  With :attr:`trusts_announcements` (the embedded market:
-        the requestor is this process) it counts towards its agreement at once; a daemon
-        counts it through :meth:`credit` once it found the transaction on chain."""
+        """Counted at once with :attr:`trusts_announcements`; a daemon counts it through
+        :meth:`credit` once it found the transaction on chain."""
         self.payments.append(payment)
         logger.info("%s was paid %s GLM in %s", self, payment.amount, payment.tx_hash)
-        if self.trusts_announcements and len(payment.agreement_ids) == 1:
-            deal = self._deals.get(payment.agreement_ids[0])
-            if deal is not None:
-                deal.credit(deal.paid + payment.amount)
+        deal = self._deals.get(payment.agreement_ids[0]) if len(payment.agreement_ids) == 1 else None
+        if self.trusts_announcements and deal is not None:
+            deal.credit(deal.paid + payment.amount)
 
     def credit(self, agreement_id: str, paid: Decimal) -> None:
         """Checked payments for ``agreement_id`` now total ``paid``."""
-        deal = self._deals.get(agreement_id)
-        if deal is not None:
+        if (deal := self._deals.get(agreement_id)) is not None:
             deal.credit(paid)
 
 
