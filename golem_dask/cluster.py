@@ -19,6 +19,7 @@ from typing import Any
 import dask
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
+from distributed.utils import Log
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
@@ -435,6 +436,12 @@ class GolemCluster(SpecCluster):
             await self.payer.close()
         for kind, message, data in self.accountant.bill().closing_notes(getattr(self.payer, "ledger", None)):
             self.events.emit(kind, message, **data)
+
+    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool = True) -> Any:
+        logs = await super()._get_logs(cluster, scheduler, workers)
+        if cluster:  # the events (offers, agreements, workers, money) beside dask's own lines
+            logs["Cluster"] = Log(self.events.log_text(self._cluster_manager_logs))
+        return logs
 
     # -- money ------------------------------------------------------------------------
 

@@ -7,10 +7,11 @@ the cluster's ``events`` attribute, its repr and the CLI all read.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -73,6 +74,13 @@ class EventLog:
 
     def __len__(self) -> int:
         return len(self._events)
+
+    def log_text(self, other: Iterable[tuple[datetime.datetime, str]] = ()) -> str:
+        """The events as timestamped lines, merged with ``other`` lines (dask's own
+        cluster-manager log): what ``cluster.get_logs()["Cluster"]`` shows."""
+        lines = [(datetime.datetime.fromtimestamp(e.time), str(e)) for e in self]
+        return "\n".join(f"{at:%Y-%m-%d %H:%M:%S} {line}" for at, line in sorted([*lines, *other],
+                                                                                  key=lambda pair: pair[0]))
 
     def of_kind(self, kind: str) -> list[ProgressEvent]:
         return [e for e in self._events if e.kind == kind]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from decimal import Decimal
@@ -16,6 +17,7 @@ from decimal import Decimal
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from distributed import Client
@@ -82,6 +84,26 @@ def test_two_workers_compute_and_pay_exactly_what_the_bill_says() -> None:
         assert abs(e.amount - expected) < Decimal("1e-17")
     assert "total paid" in str(bill)
     assert cluster.events.of_kind("payment")
+    check_bill_as_data(bill, {a.id: token_balance(cluster, a.id) for a in agents}, started, closed)
+
+
+def check_bill_as_data(bill, on_chain: dict[str, Decimal], started: float, closed: float) -> None:  # type: ignore[no-untyped-def]
+    """The bill as a DataFrame, CSV, JSON and a figure, each agreeing with what the chain says."""
+    import io
+    import json
+
+    frame = bill.to_frame()
+    assert frame.paid.sum() == bill.total == sum(on_chain.values())  # Decimals: exact
+    assert frame.groupby("provider").paid.sum().to_dict() == on_chain
+    assert all(started <= t.timestamp() <= closed for t in [*frame.started, *frame.stopped])
+    csv = pd.read_csv(io.StringIO(bill.to_csv()), dtype={"paid": str})
+    assert sum(Decimal(v) for v in csv.paid) == bill.total and list(csv.worker) == list(frame.worker)
+    data = json.loads(bill.to_json())
+    assert Decimal(data["total"]) == sum(Decimal(e["paid"]) for e in data["entries"]) == bill.total
+    figure = bill.plot()
+    per_provider, over_time = figure.axes
+    assert sorted(b.get_height() for b in per_provider.patches) == pytest.approx(sorted(map(float, on_chain.values())))
+    assert over_time.lines[0].get_ydata()[-1] == pytest.approx(float(bill.total))
 
 
 def test_cheapest_matching_offers_win_and_over_cap_is_refused() -> None:
@@ -239,6 +261,12 @@ def test_asynchronous_cluster() -> None:
             address = cluster.workers["golem-0"].address
             assert "Scheduler" in logs and address in logs
             assert "Start worker at" in logs[address]
+            # The cluster manager's log is the events, timestamped: what a user watched go by.
+            cluster_log = logs["Cluster"].splitlines()
+            assert any(line.endswith("[worker] worker golem-0 ready at " + address + " " + "(agreement "
+                                     f"{cluster.workers['golem-0'].agreement_id[:8]} with local)")
+                       for line in cluster_log), cluster_log
+            assert len(cluster_log) >= len(cluster.events) and re.match(r"\d{4}-\d\d-\d\d ", cluster_log[0])
         return cluster
 
     cluster = asyncio.run(main())

@@ -499,5 +499,7 @@ def bill_of(accounts: Iterable[AgreementAccount], payer: Payer) -> Bill:
             tx_hash=account.tx_hash,
             reason=account.reason,
             paid=account.paid,
+            started=account.started,
+            stopped=account.stopped,
         ))
     return Bill(tuple(entries), payer.platform, payer.address)
