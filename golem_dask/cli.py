@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def demo(workers: int, budget: str, size: int) -> int:
@@ -262,10 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("version", help="print the version")
     img = sub.add_parser("image", help="worker images")
     img_sub = img.add_subparsers(dest="image_command", required=True)
-    b = img_sub.add_parser("build", help="build a worker image matching this Python, dask and distributed")
+    b = img_sub.add_parser("build", help="build a worker image holding this environment (its packages at their "
+                                         "versions; Python, dask and distributed as this client's)")
     b.add_argument("--tag", help="image tag (default: golem-dask-worker:py<X.Y>-dask<version>)")
     b.add_argument("--base", help="base image with python3 and python3-venv (default: debootstrap bookworm)")
     b.add_argument("--package", action="append", default=[], help="extra package to install (repeatable)")
+    b.add_argument("--requirements", metavar="FILE",
+                   help="install this pip requirements file instead of this environment's packages")
+    b.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                   help="leave this environment's package NAME out of the image (repeatable)")
     b.add_argument("--gvmi", action="store_true",
                    help="also convert it to a Golem VM image (GVMI) for market='yagna' (needs mksquashfs)")
     b.add_argument("--output", help="the GVMI file (default: <tag>.gvmi here)")
@@ -329,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "image":
         from golem_dask.image import build, build_gvmi
 
-        tag = build(args.tag, args.base, args.package)
+        if args.requirements and not Path(args.requirements).is_file():
+            parser.error(f"--requirements {args.requirements}: no such file")
+        tag = build(args.tag, args.base, args.package, requirements=args.requirements, exclude=args.exclude)
         print(tag)
         if args.gvmi:
             image = build_gvmi(tag, args.output)

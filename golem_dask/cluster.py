@@ -255,6 +255,8 @@ class GolemCluster(SpecCluster):
                                 embedded=backend == "local")
         if plan.reason:
             self.events.emit("runtime", plan.reason)
+        if plan.warning:
+            self.events.emit("warning", plan.warning)
         self.runtime = plan.name
         self.spec = DemandSpec.from_kwargs(
             cpu=cpu, memory=memory, storage=storage, runtime=plan.name, image=plan.image, constraints=constraints,

@@ -1,10 +1,15 @@
-"""Worker images whose Python, dask and distributed match the requestor's.
+"""Worker images that hold the requestor's environment.
 
 Dask refuses to mix versions between client, scheduler and workers, and users' images
 drift from their environments.  ``golem-dask image build`` makes an image on this machine
 from wheels downloaded here (pip inside a container may not reach or trust the package
-index), pinned to the versions this Python runs, and writes them into a label that
-:func:`check_image` compares before any negotiation.
+index): every distribution installed in this environment at its exact version (local
+projects built as wheels; ``--exclude`` leaves some out, ``--requirements FILE`` gives the
+list instead), with Python, dask and distributed pinned to this client's.  Two labels
+record it: the versions dask insists on, which :func:`check_image` compares before any
+negotiation (a mismatch is refused), and the whole environment with its hash, which it
+compares too (a package that differs is named, before a task that imports it fails on a
+worker).
 
 Without a base image it makes one: ``debootstrap --variant=minbase`` of Debian bookworm
 (Python 3.11) imported with ``docker import``.
@@ -21,12 +26,14 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 BASE_TAG = "golem-dask-base:bookworm"
 VERSIONS_LABEL = "golem-dask.versions"
+ENVIRONMENT_LABEL = "golem-dask.environment"
+#: Distributions never copied into a worker image: golem-dask itself and the Golem daemon
+#: (a worker needs neither), and the installers the image's venv brings its own of.
+NOT_FOR_WORKERS = frozenset({"golem-dask", "golem-node", "pip", "setuptools", "wheel"})
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 #: Packages a worker needs beside dask and distributed, pinned to this machine's versions
 #: (those not installed here are left out: dask warns when client and workers differ).
@@ -110,8 +121,9 @@ def image_versions(image: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in versions.items()}
 
 
-def check_image(image: Any) -> None:
-    """Refuse an image whose label says it runs other versions than this client.
+def check_image(image: Any) -> list[str]:
+    """Refuse an image whose label says it runs other versions than this client; return
+    the packages of this environment it holds at another version or not at all.
 
     ``image`` is a docker SDK image object.  Raises ConfigError naming the versions.
     """
@@ -122,6 +134,84 @@ def check_image(image: Any) -> None:
             f"image {tag} does not match this client: {'; '.join(wrong)}. "
             "Rebuild it with 'golem-dask image build' so workers and client agree"
         )
+    raw = (image.labels or {}).get(ENVIRONMENT_LABEL)
+    try:
+        recorded = json.loads(raw) if raw else {}
+        held = {canonical(str(k)): str(v) for k, v in dict(recorded.get("packages") or {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        held = {}
+    if not isinstance(recorded, dict) or recorded.get("excluded") is None:
+        return []  # built from a requirements file (or before environments were recorded)
+    here = client_environment(recorded["excluded"])
+    if recorded.get("hash") == environment_hash(here):
+        return []
+    return environment_differences(held, here)
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as the package index compares it (``Foo_Bar`` -> ``foo-bar``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def client_environment(exclude: Iterable[str] = ()) -> dict[str, str]:
+    """The distributions installed here, name -> version, as a worker image should hold
+    them (without :data:`NOT_FOR_WORKERS` and ``exclude``)."""
+    skip = NOT_FOR_WORKERS | {canonical(n) for n in exclude}
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and canonical(name) not in skip:
+            found.setdefault(canonical(name), dist.version)
+    return dict(sorted(found.items()))
+
+
+def local_projects(exclude: Iterable[str] = ()) -> dict[str, Path]:
+    """Distributions installed here from a local folder (editable or not): name -> folder.
+    The package index does not have them; the image gets wheels built from the folders."""
+    skip = NOT_FOR_WORKERS | {canonical(n) for n in exclude}
+    found: dict[str, Path] = {}
+    for dist in importlib.metadata.distributions():
+        name, raw = dist.metadata["Name"], dist.read_text("direct_url.json")
+        if not name or not raw or canonical(name) in skip:
+            continue
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            url = json.loads(raw)
+            if "dir_info" in url and str(url.get("url", "")).startswith("file://"):
+                found[canonical(name)] = Path(urllib.parse.unquote(urllib.parse.urlparse(url["url"]).path))
+    return found
+
+
+def environment_hash(packages: Mapping[str, str]) -> str:
+    """A short hash of ``name==version`` pins (equal environments, equal hashes)."""
+    pins = "\n".join(f"{canonical(n)}=={v}" for n, v in sorted(packages.items(), key=lambda p: canonical(p[0])))
+    return hashlib.sha256(pins.encode()).hexdigest()[:16]
+
+
+def environment_differences(image: Mapping[str, str], here: Mapping[str, str]) -> list[str]:
+    """The packages installed ``here`` that ``image`` holds at another version or lacks.
+
+    >>> environment_differences({"numpy": "2.0.0"}, {"numpy": "2.1.0", "s3fs": "2026.9.0"})
+    ['numpy 2.0.0 in the image, 2.1.0 here', 's3fs (not in the image)']
+    """
+    out = []
+    for name, version in here.items():
+        got = image.get(name)
+        if got is None:
+            out.append(f"{name} (not in the image)")
+        elif got != version:
+            out.append(f"{name} {got} in the image, {version} here")
+    return out
+
+
+def wheel_pins(folder: Path) -> dict[str, str]:
+    """name -> version of the wheels in ``folder`` (what a ``--no-index`` install gets)."""
+    from packaging.utils import parse_wheel_filename
+
+    pins = {}
+    for wheel in folder.glob("*.whl"):
+        name, version, _, _ = parse_wheel_filename(wheel.name)
+        pins[canonical(str(name))] = str(version)
+    return dict(sorted(pins.items()))
 
 
 def _run(cmd: Sequence[str], log: Callable[[str], None], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -155,11 +245,23 @@ def build_base(log: Callable[[str], None] = print, mirror: str = DEBIAN_MIRROR) 
     return BASE_TAG
 
 
-def _requirements(extra: Sequence[str]) -> list[str]:
+def _requirements(extra: Sequence[str], requirements: Path | None, exclude: Sequence[str], wheels: Path,
+                  log: Callable[[str], None]) -> list[str]:
+    """pip arguments for what the image holds: this environment's pins (local projects
+    built as wheels into ``wheels``), or ``requirements`` with the worker's essentials;
+    dask and distributed always at this client's versions; ``extra`` as well."""
     reqs = [f"{name}=={version}" for name, version in client_versions().items() if name != "python"]
-    for name in WORKER_PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+    if requirements is not None:
+        for name in WORKER_PACKAGES:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        reqs += ["-r", str(Path(requirements).resolve())]
+    else:
+        local = local_projects(exclude)
+        for folder in local.values():
+            _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(folder)], log)
+        reqs += [f"{name}=={version}" for name, version in client_environment(exclude).items()
+                 if name not in local and name not in ("dask", "distributed")]
     for name in extra:
         try:
             reqs.append(f"{name}=={importlib.metadata.version(name)}")
@@ -169,8 +271,17 @@ def _requirements(extra: Sequence[str]) -> list[str]:
 
 
 def build(tag: str | None = None, base: str | None = None, extra_packages: Sequence[str] = (),
-          log: Callable[[str], None] = print) -> str:
-    """Build a worker image; returns its tag.
+          log: Callable[[str], None] = print, *, requirements: Path | None = None,
+          exclude: Sequence[str] = ()) -> str:
+    """Build a worker image holding this environment; returns its tag.
+
+    Parameters
+    ----------
+    requirements:
+        A pip requirements file to install instead of this environment's distributions
+        (dask, distributed and the worker's essentials stay pinned to this client's).
+    exclude:
+        Distributions of this environment to leave out (beside :data:`NOT_FOR_WORKERS`).
 
     Examples
     --------
@@ -186,19 +297,27 @@ def build(tag: str | None = None, base: str | None = None, extra_packages: Seque
     if probe.stdout.strip() != versions["python"]:
         raise ConfigError(f"base image {base} has Python {probe.stdout.strip()}, this client runs "
                           f"{versions['python']}; pick a base with the same Python")
-    reqs = _requirements(extra_packages)
     with tempfile.TemporaryDirectory(prefix="golem-image-") as ctx:
         wheels = Path(ctx) / "wheels"
-        _run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(wheels), *reqs], log)
-        (Path(ctx) / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        wheels.mkdir()
+        reqs = _requirements(extra_packages, requirements, exclude, wheels, log)
+        try:
+            _run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--find-links", str(wheels),
+                  "-d", str(wheels), *reqs], log)
+        except ConfigError as e:
+            raise ConfigError(f"{e}\nLeave a package out with 'golem-dask image build --exclude NAME', or list "
+                              "what workers need with --requirements FILE") from None
+        pins = wheel_pins(wheels)
+        environment = {"hash": environment_hash(pins), "packages": pins,
+                       "excluded": sorted(canonical(n) for n in exclude) if requirements is None else None}
         (Path(ctx) / "Dockerfile").write_text(
             f"FROM {base}\n"
             "COPY wheels /tmp/wheels\n"
-            "COPY requirements.txt /tmp/requirements.txt\n"
-            "RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-index --no-cache-dir "
-            "--find-links /tmp/wheels -r /tmp/requirements.txt && rm -rf /tmp/wheels\n"
+            "RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-index --no-cache-dir --no-deps "
+            "/tmp/wheels/*.whl && rm -rf /tmp/wheels\n"
             "ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1\n"
             f"LABEL {VERSIONS_LABEL}='{json.dumps(versions, sort_keys=True)}'\n"
+            f"LABEL {ENVIRONMENT_LABEL}='{json.dumps(environment, sort_keys=True)}'\n"
         )
         _run(["docker", "build", "--network", "none", "-t", tag, ctx], log)
     check = _run(["docker", "run", "--rm", "--network", "none", tag, "python", "-c",
@@ -207,7 +326,7 @@ def build(tag: str | None = None, base: str | None = None, extra_packages: Seque
     wrong = mismatches(json.loads(check.stdout.strip().splitlines()[-1]), versions)
     if wrong:
         raise ConfigError(f"built {tag} but it runs other versions: {'; '.join(wrong)}")
-    log(f"built {tag}: {versions}")
+    log(f"built {tag}: {versions}, {len(pins)} packages (environment {environment['hash']})")
     return tag
 
 

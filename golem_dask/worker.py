@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,12 @@ from golem_dask.protocol.sealing import activity_aad, provider_key, seal_command
 from golem_dask.tls import CertificateAuthority
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def unloadable_source() -> str:
+    """The text of :mod:`golem_dask.unloadable`, a worker's preload (not imported here)."""
+    return importlib.resources.files("golem_dask").joinpath("unloadable.py").read_text()
 
 
 class Registrations(SchedulerPlugin):
@@ -290,6 +298,9 @@ class GolemWorker(ProcessInterface):
             # Without a requestor the worker is useless: exit rather than linger.
             "--death-timeout",
             str(int(config.seconds("worker.death-timeout"))),
+            # A task naming a package the worker lacks fails as a task, not as the worker.
+            "--preload",
+            unloadable_source(),
             *self.parts.worker_options,
         ]
 

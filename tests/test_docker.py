@@ -462,3 +462,42 @@ def test_deploy_refuses_an_image_of_other_versions_than_the_requestors(docker_cl
 
     asyncio.run(main())
     assert our_containers(docker_client) == []
+
+
+def test_dask_native_reads_over_http_and_s3_compute_on_docker_workers(docker_client, s3_server, http_dir):  # noqa: F811
+    """The worker image holds this environment (fsspec's HTTP and S3 backends with it), so
+    dask's own readers work on docker workers as on the client."""
+    import boto3
+    import dask.dataframe as dd
+    import s3fs
+
+    rng = np.random.default_rng(3)
+    sales = pd.DataFrame({"store": rng.integers(0, 20, 20_000), "amount": rng.random(20_000).round(4)})
+    www, base = http_dir
+    sales.to_csv(www / "sales.csv", index=False)
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **s3_server["client_kwargs"]).create_bucket(Bucket="lake")
+    with s3fs.S3FileSystem(**s3_server).open("lake/sales.parquet", "wb") as f:
+        sales.to_parquet(f)
+    expected = sales.groupby("store").amount.sum()
+    with GolemCluster(n_workers=1, runtime="docker", budget="1") as cluster, Client(cluster):
+        assert not cluster.events.of_kind("warning"), [str(e) for e in cluster.events.of_kind("warning")]
+        by_http = dd.read_csv(f"{base}/sales.csv").groupby("store").amount.sum().compute()
+        by_s3 = dd.read_parquet("s3://lake/sales.parquet", storage_options=s3_server).groupby("store").amount.sum()
+        pd.testing.assert_series_equal(by_http.sort_index(), expected, check_exact=False)
+        pd.testing.assert_series_equal(by_s3.compute().sort_index(), expected, check_exact=False)
+        assert len(cluster.bill().entries) == 1  # no worker was lost on the way
+
+
+def test_a_package_missing_from_the_image_is_a_task_error_that_costs_one_worker(docker_client, tmp_path,
+                                                                                monkeypatch):  # noqa: F811
+    (tmp_path / "only_here.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here  # a module the client has and the image does not
+
+    with GolemCluster(n_workers=1, runtime="docker", budget="1") as cluster, Client(cluster) as client:
+        with pytest.raises(ModuleNotFoundError, match="No module named 'only_here': the worker's environment lacks"):
+            client.submit(only_here.twice, 21).result(timeout=60)
+        assert client.submit(sum, [1, 2]).result() == 3  # the worker lives on
+        assert len(cluster.bill().entries) == 1 and not cluster.events.of_kind("warning")
+    assert cluster.bill().entries[0].status == "paid"

@@ -120,6 +120,8 @@ class RuntimeChoice:
     name: str
     reason: str
     docker_client: Any = None
+    #: What the worker image lacks of this environment, for the user to hear before renting.
+    warning: str = ""
 
 
 def choose_runtime(requested: str | None, image: str | None) -> RuntimeChoice:
@@ -158,11 +160,16 @@ def choose_runtime(requested: str | None, image: str | None) -> RuntimeChoice:
             client.close()
             return RuntimeChoice("process", f"process runtime: Docker answers but image {image} is missing "
                                  "(build it with 'golem-dask image build')")
-        check_image(found)
+        differences = check_image(found)
     except BaseException:
         client.close()
         raise
-    return RuntimeChoice("docker", f"docker runtime with image {image}", client)
+    warning = ""
+    if differences:
+        shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")
+        warning = (f"worker image {image} differs from this environment in {len(differences)} packages: {shown}; "
+                   "tasks that import them fail on docker workers: rebuild it with 'golem-dask image build'")
+    return RuntimeChoice("docker", f"docker runtime with image {image}", client, warning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +186,7 @@ class RuntimePlan:
     image: str | None = None
     docker_client: Any = None
     reason: str = ""
+    warning: str = ""
 
 
 def plan_runtime(runtime: str | Runtime | None, image: str | None, *, embedded: bool,
@@ -199,12 +207,12 @@ def plan_runtime(runtime: str | Runtime | None, image: str | None, *, embedded: 
         raise ConfigError(f"runtime={runtime!r}: use 'process', 'docker', None or a Runtime object")
     entries = config.get("provider.local", entries) or []
     auto = embedded and any((e.get("runtime") or "auto") == "auto" for e in entries)
-    client, reason = None, ""
+    client, reason, warning = None, "", ""
     if embedded and (runtime == "docker" or (auto and runtime is None)):
         choice = choose_runtime(runtime, image)
-        runtime, client, reason = choice.name, choice.docker_client, choice.reason
+        runtime, client, reason, warning = choice.name, choice.docker_client, choice.reason, choice.warning
     if runtime == "docker":
         from golem_dask.image import default_tag
 
-        return RuntimePlan("docker", "docker", image or default_tag(), client, reason)
+        return RuntimePlan("docker", "docker", image or default_tag(), client, reason, warning)
     return RuntimePlan(runtime, runtime or "process", None, None, reason)
