@@ -148,6 +148,56 @@ def hub(listen: str, data_dir: str | None = None) -> int:
     return 0
 
 
+def devnet(args: argparse.Namespace) -> int:
+    """Run a development chain for the many-machines mode until interrupted: anvil with the
+    token and batch contracts, the given addresses funded, and the configuration to export."""
+    import json
+    import signal
+    from decimal import Decimal, InvalidOperation
+
+    from golem_dask.chain.anvil import AnvilNode
+    from golem_dask.chain.deploy import deploy_contracts, fund
+    from golem_dask.errors import GolemDaskError
+    from golem_dask.protocol.identity import checksum_address
+
+    try:
+        tokens = Decimal(args.tokens)
+        addresses = [checksum_address(a) for a in args.fund]
+    except (InvalidOperation, ValueError) as e:
+        print(f"golem-dask devnet: {e}", file=sys.stderr)
+        return 2
+    try:
+        node = AnvilNode(binary=args.anvil, host=args.host, port=args.port, state_dir=args.state_dir).start()
+    except GolemDaskError as e:
+        print(f"golem-dask devnet: {e}", file=sys.stderr)
+        return 1
+    try:
+        w3, deployer = node.web3(), node.accounts[0]
+        saved = node.state_dir / "devnet.json"  # a kept chain keeps its contracts
+        contracts = json.loads(saved.read_text()) if args.state_dir and saved.is_file() else None
+        if not contracts or not w3.eth.get_code(contracts["token"]):
+            contracts = deploy_contracts(w3, deployer)
+            saved.write_text(json.dumps(contracts))
+        for address in addresses:
+            fund(w3, str(contracts["token"]), deployer, address, tokens)
+        lines = {"RPC_URL": node.url, "CHAIN_ID": str(node.chain_id), "TOKEN_ADDRESS": contracts["token"]}
+        if contracts.get("batch"):
+            lines["BATCH_ADDRESS"] = contracts["batch"]
+        print(f"# a development chain at {node.url}; export these for requestors and providers:")
+        for key, value in lines.items():
+            print(f"export DASK_GOLEM__PAYMENT__{key}={value}")
+        for address in addresses:
+            print(f"# funded {address}: {tokens} GLM and 1 ETH for gas")
+        print("# Ctrl-C stops it", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.close()
+    return 0
+
+
 def provider_isolation(runtime: str, network: str) -> list[str]:
     """What ``golem-dask provider`` tells its operator it cannot keep from strangers' workers."""
     import os
@@ -288,6 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "config), also what a stopped requestor accepted")
     pay_parser.add_argument("--hub", help="tcp://HOST:PORT: also answer the invoices providers re-send there")
     pay_parser.add_argument("--wait", default="60s", help="how long to wait for re-sent invoices (default 60s)")
+    dn = sub.add_parser("devnet", help="run a development chain (anvil) with the token and batch contracts, fund "
+                                       "addresses, print the golem.payment.* lines to export")
+    dn.add_argument("--fund", action="append", default=[], metavar="ADDRESS",
+                    help="give ADDRESS tokens and 1 ETH for gas (repeatable)")
+    dn.add_argument("--tokens", default="100", help="GLM for each funded address (default 100)")
+    dn.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; providers on "
+                                                        "other hosts need one they reach)")
+    dn.add_argument("--port", type=int, default=8545)
+    dn.add_argument("--anvil", help="the anvil binary (default: $GOLEM_DASK_ANVIL, then PATH)")
+    dn.add_argument("--state-dir", help="keep the chain here between runs (default: a fresh chain each time)")
     h = sub.add_parser("hub", help="run a market hub")
     h.add_argument("--listen", default="127.0.0.1:7465", help="HOST:PORT (default 127.0.0.1:7465)")
     h.add_argument("--data-dir", help="where pushes for peers that are away are kept (default: golem.hub.data-dir)")
@@ -322,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "hub":
         return hub(args.listen, args.data_dir)
+    if args.command == "devnet":
+        return devnet(args)
     if args.command == "provider":
         return provider(args)
     if args.command == "ledger":
