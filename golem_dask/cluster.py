@@ -23,7 +23,7 @@ from distributed.utils import Log
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
-from golem_dask.events import EventLog
+from golem_dask.events import EventLog, quiet_closed_comms
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
@@ -247,6 +247,7 @@ class GolemCluster(SpecCluster):
         # Everything that can be wrong with the arguments fails here, before any
         # process, market or chain is started.
         self.events = EventLog()
+        quiet_closed_comms()
         backend = backend_of(market)
         if backend == "yagna":
             plan = yagna_plan(runtime, image)

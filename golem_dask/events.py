@@ -84,3 +84,22 @@ class EventLog:
 
     def of_kind(self, kind: str) -> list[ProgressEvent]:
         return [e for e in self._events if e.kind == kind]
+
+
+class _ClosedCommsWithoutTraceback(logging.Filter):
+    """Keeps distributed's "Batched Comm Closed" line and drops its traceback: a closed
+    stream is how every worker leaves at scale-down or close, and a traceback in the
+    user's terminal reads like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Batched Comm Closed"):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_closed_comms() -> None:
+    """Install :class:`_ClosedCommsWithoutTraceback` on ``distributed.batched`` (once)."""
+    target = logging.getLogger("distributed.batched")
+    if not any(isinstance(f, _ClosedCommsWithoutTraceback) for f in target.filters):
+        target.addFilter(_ClosedCommsWithoutTraceback())
+

@@ -341,3 +341,27 @@ def test_a_worker_that_cannot_reach_the_scheduler_names_the_address_and_what_to_
                                            r"\(golem.worker.start-timeout\); open the port"):
         GolemCluster(n_workers=1, budget="1")
     assert not [p for p in psutil.process_iter(["cmdline"]) if "tcp://127.0.0.1:9" in (p.info["cmdline"] or [])]
+
+
+def test_a_worker_stream_closing_at_close_is_one_line_not_a_traceback(capsys) -> None:  # type: ignore[no-untyped-def]
+    """distributed logs every stream a leaving worker closes with its traceback; a user
+    reading the close sees a line, not a failure."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    with GolemCluster(n_workers=0, budget="1"):
+        pass
+    stream = logging.StreamHandler()
+    logger = logging.getLogger("distributed.batched")
+    logger.addHandler(stream)
+    try:
+        try:
+            raise CommClosedError()
+        except CommClosedError:
+            logger.warning("Batched Comm Closed %r", "<TCP (closed)>", exc_info=True)
+            logger.warning("another failure", exc_info=True)
+    finally:
+        logger.removeHandler(stream)
+    err = capsys.readouterr().err
+    assert "Batched Comm Closed '<TCP (closed)>'\n" in err and err.count("Traceback") == 1  # the other one keeps it
