@@ -48,7 +48,11 @@ def renewal(minutes: float, lifetime: str) -> dict[str, float]:
 
     data = np.arange(1_000_000, dtype="f8")
     gaps: list[float] = []
-    with dask.config.set({"golem.market.agreement-lifetime": lifetime}), \
+    # A hand-over rents the successor before the old worker leaves: the provider needs a
+    # free slot beside the two workers (the embedded default sells this machine's 2 cores).
+    local = [{"name": "local", "cpu": 4, "memory": "8GiB", "storage": "10GiB", "runtime": "auto",
+              "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}]
+    with dask.config.set({"golem.market.agreement-lifetime": lifetime, "golem.provider.local": local}), \
             GolemCluster(n_workers=2, cpu=1, budget="5") as cluster, Client(cluster) as client:
         plugin = Recomputes()
         cluster.scheduler.add_plugin(plugin)
