@@ -95,12 +95,16 @@ def test_busy_workers_are_not_idle() -> None:
 
 
 def test_scale_by_cores_and_memory_and_never_past_the_budget(runtime: str) -> None:
-    # Paid at the end, the worst case per worker over the 1h lifetime: 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
-    with dask.config.set({"golem.payment.pay-interval": None}), \
-            GolemCluster(n_workers=0, cpu=1, memory="1GiB", budget="0.25", runtime=runtime) as cluster, \
+    # Paid at the end, the worst case of a 2-thread worker over the 1h lifetime:
+    # 2 * 0.1 (cpu-hours) + 0.02 = 0.22 GLM; 0.5 holds two.  The provider sells 4 threads.
+    local = [{"name": "local", "cpu": 4, "memory": "8GiB", "storage": "10GiB", "runtime": "auto",
+              "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}]
+    with dask.config.set({"golem.payment.pay-interval": None, "golem.provider.local": local}), \
+            GolemCluster(n_workers=0, cpu=2, memory="1GiB", budget="0.5", runtime=runtime) as cluster, \
             Client(cluster) as client:
-        cluster.scale(cores=2)
+        cluster.scale(cores=4)
         client.wait_for_workers(2, timeout=60)
+        assert sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) == 4
         cluster.scale(memory="1GiB")
         wait_until("the scale-down", lambda: len(cluster.workers) == 1)
         cluster.scale(5)
@@ -109,8 +113,8 @@ def test_scale_by_cores_and_memory_and_never_past_the_budget(runtime: str) -> No
         assert len(budget) == 1 and "can reserve agreements for 2" in budget[0]
         client.wait_for_workers(2, timeout=60)
         time.sleep(1)
-        assert len(cluster.workers) == 2 and cluster.budget.reserved <= Decimal("0.25")
-        adaptive = cluster.adapt(minimum_cores=1, maximum_cores=8)  # SpecCluster's raised here
+        assert len(cluster.workers) == 2 and cluster.budget.reserved <= Decimal("0.5")
+        adaptive = cluster.adapt(minimum_cores=2, maximum_cores=16)  # SpecCluster's raised here
         assert adaptive.maximum == 8 and len(cluster.events.of_kind("budget")) == 1
 
 
