@@ -23,6 +23,7 @@ from distributed.utils import Log
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
+from golem_dask.display import ClusterDisplay
 from golem_dask.events import EventLog, quiet_closed_comms
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
@@ -159,7 +160,7 @@ def tolerance_from_config() -> Tolerance:
     )
 
 
-class GolemCluster(SpecCluster):
+class GolemCluster(ClusterDisplay, SpecCluster):
     """A Dask cluster of workers rented on a Golem-protocol market.
 
     Parameters

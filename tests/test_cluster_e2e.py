@@ -23,6 +23,7 @@ import pytest
 from distributed import Client
 
 from golem_dask import GolemCluster
+from golem_dask.payment.bill import plain
 from golem_dask.provider.factory import embedded_agents
 from golem_dask.errors import ConstraintSyntaxError, NoOffersError
 from golem_dask.market.local import LocalMarket
@@ -104,6 +105,32 @@ def check_bill_as_data(bill, on_chain: dict[str, Decimal], started: float, close
     per_provider, over_time = figure.axes
     assert sorted(b.get_height() for b in per_provider.patches) == pytest.approx(sorted(map(float, on_chain.values())))
     assert over_time.lines[0].get_ydata()[-1] == pytest.approx(float(bill.total))
+
+
+def test_the_widget_and_the_status_table_show_providers_prices_states_and_money() -> None:
+    from golem_dask.display import status_html, status_text
+
+    providers = [provider("<i>lab</i>", 1, "0.05"), provider("mid", 1, "0.1", hour="0")]
+    with dask.config.set({"golem.provider.local": providers}), \
+            GolemCluster(n_workers=2, budget="1") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        time.sleep(1.5)  # a debit note each
+        text = status_text(cluster).splitlines()
+        assert text[0].split() == ["worker", "provider", "price", "GLM", "state", "CPU", "s", "time", "s", "cost", "GLM"]
+        rows = {line.split()[0]: line for line in text[1:3]}
+        assert set(rows) == {"golem-0", "golem-1"} and all(" running " in r for r in rows.values())
+        assert any("<i>lab</i> (0x" in r and "0.05/cpu-h + 0.02/h" in r for r in rows.values())
+        assert any("mid (0x" in r and "0.1/cpu-h + 0/h" in r for r in rows.values())
+        assert text[3].startswith("spent 0 GLM, ") and text[3].endswith(" of 1 GLM left (erc20-devnet-glm)")
+        page = cluster._repr_html_()  # what the notebook and dask's widget show
+        assert "&lt;i&gt;lab&lt;/i&gt;" in page and "<i>lab" not in page and "GolemCluster" in page
+        assert page.count("<td style='text-align:left'>running</td>") == 2
+    after = status_text(cluster).splitlines()
+    bill = {e.worker: e for e in cluster.bill().entries}
+    for line in after[1:3]:
+        worker, cost = line.split()[0], line.split()[-1]
+        assert " paid " in line and Decimal(cost) == bill[worker].amount > 0
+    assert after[3].startswith(f"spent {plain(cluster.bill().total)} GLM, 0 GLM accruing, 0 GLM reserved")
 
 
 def test_cheapest_matching_offers_win_and_over_cap_is_refused() -> None:
