@@ -303,8 +303,12 @@ def providers(path: str | None, as_json: bool) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="golem-dask", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str = "golem-dask") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Rent Dask workers from a market of compute providers and pay them per use; "
+        "sell this machine's, run a market hub or a development chain.",
+        epilog=f"'{prog} COMMAND --help' explains each command. Configuration: golem.* in dask.config "
+        "(DASK_GOLEM__... environment variables).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run a computation on rented workers and print the bill")
     p.add_argument("--workers", type=int, default=2)
