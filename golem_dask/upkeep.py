@@ -52,7 +52,8 @@ async def retire_leaving(cluster: Any) -> None:
         try:
             await cluster.scheduler_comm.retire_workers(names=leaving, close_workers=False, remove=True)
         except Exception as e:  # the close goes on; at worst their keys are recomputed
-            logger.warning("retiring %s gracefully failed: %s", leaving, e)
+            cluster.events.emit("warning", f"retiring {', '.join(leaving)} gracefully failed ({type(e).__name__}: "
+                                f"{e}); what they held is recomputed when needed")
             return
         names = {str(ws.name) for ws in scheduler.workers.values()}
         leaving = [name for name in leaving if name in names]
@@ -60,7 +61,8 @@ async def retire_leaving(cluster: Any) -> None:
             break
         await asyncio.sleep(0.2)
     if leaving:
-        logger.warning("%s kept data no other worker could take; it is recomputed when needed", leaving)
+        cluster.events.emit("warning", f"{', '.join(leaving)} kept data no other worker took within "
+                            "golem.cluster.retire-timeout; it is recomputed when needed")
 
 
 def renewal_margin(lifetime_s: float) -> float:
