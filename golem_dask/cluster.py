@@ -367,9 +367,8 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         await super()._start()
         if self.scheduler is not None and "golem-registrations" not in self.scheduler.plugins:
             self.scheduler.add_plugin(self.registrations)
-            self._spawn(meter_cpu(lambda: self.scheduler, lambda name: getattr(self.workers.get(name), "agreement_id",
-                                                                                None),
-                                  self.accountant, config.seconds("payment.metering-interval")), "golem-metering")
+            self._spawn(meter_cpu(lambda: self.scheduler, self.accountant, config.seconds("payment.metering-interval")),
+                        "golem-metering")
             self._spawn(self._start_payer(), "golem-payer-start")
             for name, coro in upkeep_tasks(self):
                 self._spawn(coro, name)

@@ -27,6 +27,7 @@ from golem_dask.errors import ActivityError, GolemDaskError
 from golem_dask.market.base import Market
 from golem_dask.market.negotiation import Deal, Negotiator
 from golem_dask.payment.accountant import Accountant
+from golem_dask.payment.bill import EntryStatus
 from golem_dask.protocol.messages import ActivityState, ExeCommand
 from golem_dask.protocol.sealing import activity_aad, provider_key, seal_commands
 from golem_dask.tls import CertificateAuthority
@@ -364,12 +365,13 @@ async def drop_early_rentals(parts: RequestorParts) -> None:
                          return_exceptions=True)
 
 
-async def meter_cpu(scheduler: Callable[[], Any], agreement_of: Callable[[str], str | None],
-                    accountant: Accountant, interval_s: float) -> None:
+async def meter_cpu(scheduler: Callable[[], Any], accountant: Accountant, interval_s: float) -> None:
     """Integrate the CPU the scheduler sees each worker use: the requestor's own metering.
 
-    ``scheduler()`` gives the running scheduler (or None), ``agreement_of(name)`` the
-    agreement of the worker of that name (or None).  Runs until cancelled.
+    ``scheduler()`` gives the running scheduler (or None).  A worker is found by its name in
+    the accountant's running agreements, so it is metered from the moment it registers
+    (SpecCluster lists its workers only once the whole batch being started is up, which
+    under ``adapt`` can be long after they run tasks).  Runs until cancelled.
     """
     loop = asyncio.get_running_loop()
     last = loop.time()
@@ -381,8 +383,10 @@ async def meter_cpu(scheduler: Callable[[], Any], agreement_of: Callable[[str], 
         current = scheduler()
         if current is None:
             continue
+        running = {a.worker: a.agreement.id for a in list(accountant.accounts.values())
+                   if a.status is EntryStatus.RUNNING}
         for ws in list(current.workers.values()):
-            agreement_id = agreement_of(ws.name)
+            agreement_id = running.get(str(ws.name))
             if agreement_id is not None:
                 percent = Decimal(str(ws.metrics.get("cpu", 0) or 0))
                 accountant.observe_cpu(agreement_id, percent / 100 * elapsed)
