@@ -27,8 +27,11 @@ WORKER_OPERATIONS = frozenset({"register-worker", "heartbeat_worker", "who_has"}
 TRUSTED_ROLES = frozenset({"client", "scheduler"})
 
 
-class RoleRefused(PermissionError):
-    """A peer asked for an operation its certificate's role does not allow."""
+#: What a peer gets when it asks for an operation its certificate's role does not allow: the
+#: built-in PermissionError, which a worker (whose image holds no golem-dask) can unpickle.
+#: A task that opens a client on its worker (``get_client``, joblib's Dask backend) meets it:
+#: a provider's worker may not act for the requestor on the rest of the cluster.
+RoleRefused = PermissionError
 
 
 def _guard(op: str, handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +44,9 @@ def _guard(op: str, handler: Callable[..., Any]) -> Callable[..., Any]:
             role, name = peer
             if role != "worker" or op not in WORKER_OPERATIONS:
                 logger.warning("refused %r from %s (certificate role %s, name %s)", op, comm.peer_address, role, name)
-                raise RoleRefused(f"a {role} certificate may not call {op!r} on this scheduler")
+                raise RoleRefused(f"a {role} certificate may not call {op!r} on this scheduler: workers rented "
+                                  "from strangers may not act as clients (get_client, worker_client, joblib's "
+                                  "Dask backend); submit tasks from the client instead")
             if op == "register-worker" and str(msg.get("name")) != name:
                 logger.warning("refused a worker registering as %r with the certificate of %r", msg.get("name"), name)
                 raise RoleRefused(f"the certificate of worker {name!r} cannot register worker {msg.get('name')!r}")
