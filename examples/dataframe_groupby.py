@@ -19,3 +19,4 @@ if __name__ == "__main__":
     pd.testing.assert_series_equal(result.sort_index(), pdf.groupby("key").value.mean())
     print(result.sort_index())
     print(cluster.bill())
+    print(f"OK: {len(result)} groups, paid {cluster.bill().total} GLM")
