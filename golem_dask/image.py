@@ -22,10 +22,12 @@ reference a demand carries; the user serves the file over HTTP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -153,32 +155,52 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _mtime(folder: str) -> float:
+    try:
+        return os.stat(folder or ".").st_mtime
+    except OSError:
+        return 0.0
+
+
+def _installed() -> tuple[tuple[str, str, Path | None], ...]:
+    """``(name, version, local folder or None)`` of every distribution importable here.  Read
+    once per state of ``sys.path``'s folders: installing or removing a package changes its
+    folder's mtime, so a cluster started after ``pip install`` sees it."""
+    return _scan(tuple((folder, _mtime(folder)) for folder in sys.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _scan(path_state: tuple[tuple[str, float], ...]) -> tuple[tuple[str, str, Path | None], ...]:
+    found: dict[str, tuple[str, Path | None]] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name or canonical(name) in found:  # the first on sys.path is the one imported
+            continue
+        folder = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            url = json.loads(dist.read_text("direct_url.json") or "null")
+            if "dir_info" in url and str(url.get("url", "")).startswith("file://"):
+                folder = Path(urllib.parse.unquote(urllib.parse.urlparse(url["url"]).path))
+        found[canonical(name)] = (dist.version, folder)
+    return tuple(sorted((name, version, folder) for name, (version, folder) in found.items()))
+
+
+def _skipped(exclude: Iterable[str]) -> frozenset[str]:
+    return NOT_FOR_WORKERS | {canonical(n) for n in exclude}
+
+
 def client_environment(exclude: Iterable[str] = ()) -> dict[str, str]:
     """The distributions installed here, name -> version, as a worker image should hold
     them (without :data:`NOT_FOR_WORKERS` and ``exclude``)."""
-    skip = NOT_FOR_WORKERS | {canonical(n) for n in exclude}
-    found: dict[str, str] = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name and canonical(name) not in skip:
-            found.setdefault(canonical(name), dist.version)
-    return dict(sorted(found.items()))
+    skip = _skipped(exclude)
+    return {name: version for name, version, _ in _installed() if name not in skip}
 
 
 def local_projects(exclude: Iterable[str] = ()) -> dict[str, Path]:
     """Distributions installed here from a local folder (editable or not): name -> folder.
     The package index does not have them; the image gets wheels built from the folders."""
-    skip = NOT_FOR_WORKERS | {canonical(n) for n in exclude}
-    found: dict[str, Path] = {}
-    for dist in importlib.metadata.distributions():
-        name, raw = dist.metadata["Name"], dist.read_text("direct_url.json")
-        if not name or not raw or canonical(name) in skip:
-            continue
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            url = json.loads(raw)
-            if "dir_info" in url and str(url.get("url", "")).startswith("file://"):
-                found[canonical(name)] = Path(urllib.parse.unquote(urllib.parse.urlparse(url["url"]).path))
-    return found
+    skip = _skipped(exclude)
+    return {name: folder for name, _, folder in _installed() if folder is not None and name not in skip}
 
 
 def environment_hash(packages: Mapping[str, str]) -> str:
