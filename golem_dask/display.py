@@ -57,9 +57,10 @@ def worker_lines(cluster: Any) -> list[WorkerLine]:
     return lines
 
 
-def money_line(cluster: Any) -> str:
+def money_line(cluster: Any, lines: list[WorkerLine]) -> str:
+    """Spent, accruing (``lines`` still running), reserved and left of the budget."""
     budget = cluster.budget
-    accruing = sum((w.cost for w in worker_lines(cluster) if w.state in ("running", "starting")), Decimal(0))
+    accruing = sum((w.cost for w in lines if w.state in ("running", "starting")), Decimal(0))
     return (f"spent {plain(budget.spent)} GLM, {plain(accruing)} GLM accruing, {plain(budget.reserved)} GLM "
             f"reserved; {plain(max(Decimal(0), budget.remaining))} of {plain(budget.total)} GLM left "
             f"({cluster.spec.platform})")
@@ -74,18 +75,20 @@ def _cells(w: WorkerLine) -> tuple[str, ...]:
 
 def status_text(cluster: Any) -> str:
     """The workers and the money, as a plain-text table."""
-    rows = [_HEADER, *(_cells(w) for w in worker_lines(cluster))]
+    lines = worker_lines(cluster)
+    rows = [_HEADER, *(_cells(w) for w in lines)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join([*table, money_line(cluster)])
+    return "\n".join([*table, money_line(cluster, lines)])
 
 
 def status_html(cluster: Any) -> str:
     """The workers and the money, as an HTML table (every value escaped)."""
+    lines = worker_lines(cluster)
     head = "".join(f"<th style='text-align:left'>{h}</th>" for h in _HEADER)
     body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in _cells(w)) + "</tr>"
-                   for w in worker_lines(cluster))
-    return (f"<div><h4 style='margin-bottom:0'>Golem</h4><p>{html.escape(money_line(cluster))}</p>"
+                   for w in lines)
+    return (f"<div><h4 style='margin-bottom:0'>Golem</h4><p>{html.escape(money_line(cluster, lines))}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
