@@ -49,19 +49,25 @@ def wait_until(what: str, check, timeout_s: float = 60) -> None:  # type: ignore
         time.sleep(0.1)
 
 
+def persist_watched(cluster: GolemCluster, data: np.ndarray, chunks: int) -> tuple[Any, Recomputes]:
+    """``data`` persisted on the cluster's workers, and a plugin counting its keys recomputed."""
+    plugin = Recomputes()
+    cluster.scheduler.add_plugin(plugin)
+    x = da.from_array(data, chunks=chunks).persist()
+    wait_until("persisted keys", lambda: len(cluster.scheduler.tasks) >= len(x.__dask_keys__())
+               and all(ts.state == "memory" for ts in cluster.scheduler.tasks.values()))
+    plugin.watched = {str(k) for k in cluster.scheduler.tasks}
+    return x, plugin
+
+
 def test_workers_outlive_their_agreements_and_keep_their_data(runtime: str) -> None:
     """Three agreement lifetimes: each worker is handed over before its agreement expires;
     the persisted keys move with it and are never recomputed; every agreement is paid."""
     data = np.arange(300_000, dtype="f8")
     with dask.config.set({"golem.market.agreement-lifetime": "12s"}), \
             GolemCluster(n_workers=1, cpu=1, budget="2", runtime=runtime) as cluster, Client(cluster) as client:
-        plugin = Recomputes()
-        cluster.scheduler.add_plugin(plugin)
-        x = da.from_array(data, chunks=50_000).persist()
         client.wait_for_workers(1)
-        wait_until("persisted keys", lambda: len(cluster.scheduler.tasks) >= len(x.__dask_keys__())
-                   and all(ts.state == "memory" for ts in cluster.scheduler.tasks.values()))
-        plugin.watched = {str(k) for k in cluster.scheduler.tasks}
+        x, plugin = persist_watched(cluster, data, 50_000)
         started = time.monotonic()
         while time.monotonic() - started < 38:
             assert float(x.sum().compute()) == float(data.sum())
@@ -123,13 +129,8 @@ def test_a_scale_down_moves_the_leaving_workers_data() -> None:
     data = np.arange(200_000, dtype="f8")
     with dask.config.set({"golem.provider.stop-grace": "0s"}), \
             GolemCluster(n_workers=2, cpu=1, budget="1") as cluster, Client(cluster):
-        plugin = Recomputes()
-        cluster.scheduler.add_plugin(plugin)
-        x = da.from_array(data, chunks=20_000).persist()
-        wait_until("persisted keys", lambda: len(cluster.scheduler.tasks) >= len(x.__dask_keys__())
-                   and all(ts.state == "memory" for ts in cluster.scheduler.tasks.values()))
+        x, plugin = persist_watched(cluster, data, 20_000)
         assert len({ws.address for ts in cluster.scheduler.tasks.values() for ws in ts.who_has}) == 2
-        plugin.watched = {str(k) for k in cluster.scheduler.tasks}
         cluster.scale(1)
         wait_until("the scale-down", lambda: len(cluster.workers) == 1 and len(cluster.scheduler.workers) == 1)
         assert float(x.sum().compute()) == float(data.sum())

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client
@@ -27,7 +26,7 @@ from golem_dask import GolemCluster
 from golem_dask.chain.anvil import AnvilNode
 from net_support import s3_server  # noqa: F401
 from test_payment_durability import balance
-from test_upkeep import Recomputes, Throttle
+from test_upkeep import Throttle, persist_watched
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -64,13 +63,8 @@ def invoiced(log: str) -> Decimal:
 def test_workers_outlive_three_agreements_and_are_paid_as_they_go(hub: Fleet, chain: AnvilNode, tmp_path) -> None:
     data = np.arange(300_000, dtype="f8")
     with requestor(chain, tmp_path, **TERMS, **{"golem.market.agreement-lifetime": "14s"}), \
-            GolemCluster(n_workers=1, cpu=1, market=hub.url, budget="2") as cluster, Client(cluster) as client:
-        plugin = Recomputes()
-        cluster.scheduler.add_plugin(plugin)
-        x = da.from_array(data, chunks=50_000).persist()
-        wait_until(lambda: len(cluster.scheduler.tasks) >= len(x.__dask_keys__())
-                   and all(ts.state == "memory" for ts in cluster.scheduler.tasks.values()), 60, "persisted keys")
-        plugin.watched = {str(k) for k in cluster.scheduler.tasks}
+            GolemCluster(n_workers=1, cpu=1, market=hub.url, budget="2") as cluster, Client(cluster):
+        x, plugin = persist_watched(cluster, data, 50_000)
         started = time.monotonic()
         while time.monotonic() - started < 44:
             assert float(x.sum().compute()) == float(data.sum())

@@ -61,7 +61,7 @@ import pytest
 import requests
 from anvil_support import anvil_binary
 
-from golem_dask.chain.anvil import AnvilNode
+from golem_dask.chain.anvil import AnvilNode, _read_from
 from golem_dask.chain.deploy import deploy_contracts, fund, token_contract
 from golem_dask.protocol.identity import Wallet, checksum_address
 
@@ -172,15 +172,6 @@ def _free_port(below: int | None = None) -> int:
                 continue
             return int(sock.getsockname()[1])
     raise YagnaStackError(f"no free loopback port under {below}")
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _tail(path: Path, lines: int = 40) -> str:
