@@ -163,9 +163,11 @@ class Proposals:
         if sub is None or offered is None:
             raise MarketError(f"no proposal {proposal_id} on subscription {subscription_id}")
         body = self._body(demand, sub.decorations)
-        for term in PAYMENT_TERMS:  # agree to the provider's mid-agreement payment terms
-            if term in offered.properties:
-                body["properties"][term] = offered.properties[term]
+        for term in PAYMENT_TERMS:  # agree to the provider's mid-agreement payment terms, and only to those:
+            if term in offered.properties:  # a payment timeout the provider did not ask for has the daemon
+                body["properties"][term] = offered.properties[term]  # pay debit notes beside the invoice
+            else:
+                body["properties"].pop(term, None)
         # A proposal takes one counter-proposal or one agreement: a second agreement on the
         # same offer answers the provider's last proposal of that negotiation, once the
         # agreement made of it is settled (the lock is held until confirm_agreement ends).
