@@ -162,7 +162,7 @@ async def _rent_and_settle(stack: Any, provider: YagnaTestProvider, subnet: str)
         await market.terminate_agreement(agreement.id, "done")
         settled = await accountant.settle(market, agreement.id, 20)
         if settled.status.value != "paid":  # what the daemon owes for accepted debit notes goes out anyway
-            await payer._run_cycle()
+            await payer.daemon.run_cycle()
         await asyncio.sleep(0)
         return settled, stack.token_balance(stack.provider_id) - before
     finally:

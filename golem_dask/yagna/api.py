@@ -206,6 +206,7 @@ class YagnaDaemon:
         self.activities: dict[str, list[str]] = {}
         #: When this session began: payments and events before it are not ours.
         self.since = utc_now() - timedelta(seconds=1)
+        self._cycle_unsupported = False
 
     def __repr__(self) -> str:
         return f"YagnaDaemon({self.api.url!r}, identity={self.identity}, platform={self.platform!r})"
@@ -250,3 +251,18 @@ class YagnaDaemon:
         found = await self.api.call("GET", "/payment-api/v1/demandDecorations", params={"allocationIds": allocation})
         props = {str(p["key"]): p["value"] for p in found.get("properties", [])}
         return props, [str(c) for c in found.get("constraints", [])]
+
+    async def run_cycle(self) -> None:
+        """Pay what is accepted now instead of at the next batch cycle (24 h on mainnet)."""
+        if self._cycle_unsupported:
+            return
+        try:
+            logger.debug("running the payment cycle of %s", self.platform)
+            await self.api.call("POST", f"/payment-api/v1/batchCycle/{self.platform}/now", ok=OK)
+        except YagnaError as e:
+            if e.status in (404, 405, 501):
+                self._cycle_unsupported = True
+                logger.warning("this yagna daemon cannot run its payment cycle on request (%s); payments wait "
+                               "for its next cycle", e)
+            else:
+                logger.info("running the payment cycle: %s", e)

@@ -22,7 +22,7 @@ from golem_dask.chain.units import to_wei
 from golem_dask.errors import MarketError, PaymentError
 from golem_dask.payment.base import Payer, Transfer
 from golem_dask.yagna import convert
-from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError, iso
+from golem_dask.yagna.api import YagnaDaemon, iso
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class YagnaPayer(Payer):
         self.daemon = daemon
         self.platform = daemon.platform
         self._started = False
-        self._cycle_unsupported = False
 
     def __repr__(self) -> str:
         return f"YagnaPayer({self.daemon.api.url!r}, {self.address}, {self.platform!r})"
@@ -93,7 +92,7 @@ class YagnaPayer(Payer):
         await self.start()
         if agreement_id is None:
             raise PaymentError(f"paying {reference} through yagna needs its agreement")
-        await self._run_cycle()
+        await self.daemon.run_cycle()
         loop = asyncio.get_running_loop()
         timeout = config.seconds("payment.payment-timeout")
         deadline = loop.time() + timeout
@@ -117,28 +116,13 @@ class YagnaPayer(Payer):
             if loop.time() - cycled >= 0.25:
                 # An accepted debit note is paid in one cycle, the invoice's rest in a later one.
                 cycled = loop.time()
-                await self._run_cycle()
+                await self.daemon.run_cycle()
             await asyncio.sleep(config.seconds("yagna.payment-poll-interval"))
         raise PaymentError(
             f"the yagna daemon paid {paid} of {amount} to {payee} for {reference} within {timeout:g}s "
             "(golem.payment.payment-timeout); it pays accepted documents in its payment cycle (see 'yagna "
             "payment process info' and 'yagna payment status') and skips amounts below its "
             "MIN_PAYMENT_AMOUNT_GLM until more is owed")
-
-    async def _run_cycle(self) -> None:
-        """Pay what is accepted now instead of at the next batch cycle (24 h on mainnet)."""
-        if self._cycle_unsupported:
-            return
-        try:
-            logger.debug("running the payment cycle of %s", self.platform)
-            await self.daemon.api.call("POST", f"/payment-api/v1/batchCycle/{self.platform}/now", ok=OK)
-        except YagnaError as e:
-            if e.status in (404, 405, 501):
-                self._cycle_unsupported = True
-                logger.warning("this yagna daemon cannot run its payment cycle on request (%s); payments wait "
-                               "for its next cycle", e)
-            else:
-                logger.info("running the payment cycle: %s", e)
 
     async def balance(self, address: str) -> Decimal:
         raise PaymentError("the yagna daemon reports no token balances over its REST API; "
