@@ -21,7 +21,7 @@ from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 from distributed.utils import Log
 
-from golem_dask import config
+from golem_dask import config, dashboard
 from golem_dask.errors import ConfigError
 from golem_dask.display import ClusterDisplay
 from golem_dask.events import EventLog, quiet_closed_comms
@@ -367,6 +367,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         await super()._start()
         if self.scheduler is not None and "golem-registrations" not in self.scheduler.plugins:
             self.scheduler.add_plugin(self.registrations)
+            dashboard.attach(self.scheduler, self)
             self._spawn(meter_cpu(lambda: self.scheduler, self.accountant, config.seconds("payment.metering-interval")),
                         "golem-metering")
             self._spawn(self._start_payer(), "golem-payer-start")

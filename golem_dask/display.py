@@ -66,18 +66,18 @@ def money_line(cluster: Any, lines: list[WorkerLine]) -> str:
             f"({cluster.spec.platform})")
 
 
-_HEADER = ("worker", "provider", "price GLM", "state", "CPU s", "time s", "cost GLM")
+HEADER = ("worker", "provider", "price GLM", "state", "CPU s", "time s", "cost GLM")
 
 
-def _cells(w: WorkerLine) -> tuple[str, ...]:
+def cells(w: WorkerLine) -> tuple[str, ...]:
     return (w.worker, w.provider, w.price, w.state, f"{w.cpu_sec:.1f}", f"{w.duration_sec:.1f}", plain(w.cost))
 
 
 def status_text(cluster: Any) -> str:
     """The workers and the money, as a plain-text table."""
     lines = worker_lines(cluster)
-    rows = [_HEADER, *(_cells(w) for w in lines)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
+    rows = [HEADER, *(cells(w) for w in lines)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([*table, money_line(cluster, lines)])
 
@@ -85,8 +85,8 @@ def status_text(cluster: Any) -> str:
 def status_html(cluster: Any) -> str:
     """The workers and the money, as an HTML table (every value escaped)."""
     lines = worker_lines(cluster)
-    head = "".join(f"<th style='text-align:left'>{h}</th>" for h in _HEADER)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in _cells(w)) + "</tr>"
+    head = "".join(f"<th style='text-align:left'>{h}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells(w)) + "</tr>"
                    for w in lines)
     return (f"<div><h4 style='margin-bottom:0'>Golem</h4><p>{html.escape(money_line(cluster, lines))}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")

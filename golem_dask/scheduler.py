@@ -16,6 +16,7 @@ from typing import Any
 
 from distributed import Scheduler
 from distributed.core import _expects_comm
+from distributed.http.utils import get_handlers
 
 from golem_dask.tls import role_of
 
@@ -66,4 +67,7 @@ class GolemScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The dashboard's Golem page (golem_dask.dashboard), beside dask's own routes.
+        self.http_application.add_handlers(".*$", get_handlers(self, ["golem_dask.dashboard"],
+                                                               kwargs.get("http_prefix", "/")))
         self.handlers = {op: _guard(op, handler) for op, handler in self.handlers.items()}
