@@ -39,7 +39,7 @@ from golem_dask.provider.runtime.base import Runtime
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
 from golem_dask.upkeep import (affordable, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
-                               upkeep_tasks)
+                               upkeep_tasks, within_capacity)
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
             "host": listen, "port": 0, "dashboard_address": "127.0.0.1:0", "security": security,
             "protocol": "tls" if security is not None else "tcp", **(scheduler_options or {})}}
         worker = {"cls": GolemWorker, "options": {"parts": self._parts}}
-        n = n_workers if n_workers is not None else 0
+        n = within_capacity(self, n_workers or 0, strict=True)
         super().__init__(workers={self._new_worker_name(i): worker for i in range(n)}, scheduler=scheduler,
                          worker=worker, asynchronous=asynchronous, loop=loop, name=name,
                          silence_logs=silence_logs, security=security)
@@ -400,7 +400,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
             self.events.emit("budget", f"asked for {n} workers; the budget left ({self.budget.remaining} GLM) "
                              f"can reserve agreements for {capped}")
         self._capped = capped < n
-        return super().scale(capped)
+        return super().scale(within_capacity(self, capped, strict=False))
 
     def _threads_per_worker(self) -> int:
         return self.spec.resources.cpu_threads

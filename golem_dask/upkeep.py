@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import dask.utils
 from distributed.core import Status
 
 from golem_dask import config
+from golem_dask.errors import ConfigError
 from golem_dask.protocol.messages import now_ms
 
 logger = logging.getLogger(__name__)
@@ -338,6 +340,27 @@ def affordable(cluster: Any, n: int) -> int:
     cheapest = min(costs)
     more = math.floor(cluster.budget.remaining / cheapest) if cheapest > 0 else n - current
     return min(n, current + max(0, int(more)))
+
+
+def within_capacity(cluster: Any, n: int, *, strict: bool) -> int:
+    """``n``, or as many workers as this machine's embedded providers hold.  At the start
+    (``strict``) asking for more fails at once; a later ``scale`` is capped and says so once."""
+    room_for = getattr(cluster.market, "room_for", None)
+    room = room_for(cluster.spec.resources) if room_for is not None else None
+    if room is None or n <= room:
+        cluster._over_capacity = False
+        return n
+    resources = cluster.spec.resources
+    message = (f"this machine's embedded provider has room for {room} workers of {resources.cpu_threads} cpu and "
+               f"{dask.utils.format_bytes(resources.memory_bytes)}; asked for {n}")
+    if strict:
+        raise ConfigError(f"{message}: ask for fewer workers, or less cpu or memory each, or sell more of this "
+                          "machine (golem.provider.local), or rent other machines (market='tcp://HUB:PORT' or "
+                          "market='yagna')")
+    if not getattr(cluster, "_over_capacity", False):
+        cluster.events.emit("capacity", f"{message}; scaling to {room}")
+    cluster._over_capacity = True
+    return room
 
 
 def drop_unaffordable(cluster: Any, error: BaseException) -> None:

@@ -25,7 +25,7 @@ from distributed import Client
 from golem_dask import GolemCluster
 from golem_dask.payment.bill import plain
 from golem_dask.provider.factory import embedded_agents
-from golem_dask.errors import ConstraintSyntaxError, NoOffersError
+from golem_dask.errors import ConfigError, ConstraintSyntaxError, NoOffersError
 from golem_dask.market.local import LocalMarket
 from golem_dask.chain.units import from_wei
 from golem_dask.protocol import properties as P
@@ -179,10 +179,16 @@ def test_scale_down_pays_the_retired_worker_at_once() -> None:
     assert {e.status for e in cluster.bill().entries} == {"paid"}
 
 
+#: An embedded provider selling 4 threads whatever this machine has.
+FOUR_THREADS = [{"name": "local", "cpu": 4, "memory": "8GiB", "storage": "10GiB", "runtime": "auto",
+                 "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}]
+
+
 def test_budget_too_small_stops_at_what_it_can_afford() -> None:
     # Paid at the end, each agreement reserves its worst case over the 1h lifetime:
     # 0.1 (1 cpu-hour) + 0.02 = 0.12 GLM.
-    with dask.config.set({"golem.payment.pay-interval": None}), GolemCluster(n_workers=3, budget="0.25") as cluster:
+    with dask.config.set({"golem.payment.pay-interval": None, "golem.provider.local": FOUR_THREADS}), \
+            GolemCluster(n_workers=3, budget="0.25") as cluster:
         assert len(cluster.workers) == 2
         assert cluster.budget.reserved == Decimal("0.24")
         warnings = [str(e) for e in cluster.events.of_kind("budget")]
@@ -392,3 +398,20 @@ def test_a_worker_stream_closing_at_close_is_one_line_not_a_traceback(capsys) ->
         logger.removeHandler(stream)
     err = capsys.readouterr().err
     assert "Batched Comm Closed '<TCP (closed)>'\n" in err and err.count("Traceback") == 1  # the other one keeps it
+
+
+def test_more_workers_than_the_machine_holds_fail_at_once_and_a_later_scale_is_capped() -> None:
+    two = [{**FOUR_THREADS[0], "cpu": 2}]
+    with dask.config.set({"golem.provider.local": two}):
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"room for 2 workers of 1 cpu .* asked for 3: ask for fewer workers"):
+            GolemCluster(n_workers=3, cpu=1, memory="1GiB")
+        assert time.monotonic() - started < 5  # not the negotiation timeout
+        with GolemCluster(n_workers=1, cpu=1, memory="1GiB") as cluster, Client(cluster) as client:
+            cluster.scale(5)
+            cluster.scale(6)
+            client.wait_for_workers(2, timeout=60)
+            assert len(cluster.worker_spec) == 2
+            (said,) = [str(e) for e in cluster.events.of_kind("capacity")]
+            assert "asked for 5; scaling to 2" in said
+            assert client.submit(sum, [1, 2]).result() == 3

@@ -20,6 +20,7 @@ from golem_dask.market.link import PROVIDER_METHODS
 from golem_dask.market.matching import matches, offer_proposal, parse_filter
 from golem_dask.market.relay import RelayMarket, drain
 from golem_dask.protocol.identity import Wallet
+from golem_dask.protocol.properties import Resources
 from golem_dask.protocol.messages import Activity, DebitNote, Demand, Invoice, Offer, new_id
 from golem_dask.protocol.wire import decode, encode
 
@@ -94,6 +95,18 @@ class LocalMarket(RelayMarket):
 
     def __repr__(self) -> str:
         return f"<LocalMarket providers={len(self.providers)} offers={len(self._offers)}>"
+
+    def room_for(self, resources: Resources) -> int | None:
+        """How many workers of ``resources`` the agents here can hold at once (None: an
+        agent does not say its capacity)."""
+        room = 0
+        for agent in self.providers.values():
+            capacity = getattr(getattr(agent, "settings", None), "capacity", None)
+            if capacity is None:
+                return None
+            room += min(capacity.cpu_threads // max(1, resources.cpu_threads),
+                        capacity.memory_bytes // max(1, resources.memory_bytes))
+        return room
 
     async def add_provider(self, agent: Seller) -> None:
         """Let another agent sell here (connects it at once if the market runs)."""
