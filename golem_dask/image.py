@@ -44,7 +44,11 @@ from golem_dask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-BASE_TAG = "golem-dask-base:bookworm"
+#: What the base image installs from Debian: Python, and the OpenMP runtime that wheels
+#: such as LightGBM's and XGBoost's load from the system.
+BASE_PACKAGES = ("python3", "python3-venv", "libgomp1")
+#: Named after its packages, so a base from an older list is not reused.
+BASE_TAG = "golem-dask-base:bookworm-" + "-".join(p for p in BASE_PACKAGES if not p.startswith("python3"))
 VERSIONS_LABEL = "golem-dask.versions"
 ENVIRONMENT_LABEL = "golem-dask.environment"
 #: Distributions never copied into a worker image: golem-dask itself and the Golem daemon
@@ -256,7 +260,7 @@ def build_base(log: Callable[[str], None] = print, mirror: str = DEBIAN_MIRROR) 
         raise ConfigError("building the base image needs debootstrap: apt-get install debootstrap "
                           "(or pass --base with an image that has python3 and python3-venv)")
     with tempfile.TemporaryDirectory(prefix="golem-rootfs-") as root:
-        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm", root, mirror], log)
+        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), "bookworm", root, mirror], log)
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         try:
             _run(["docker", "import", "-", BASE_TAG], log, stdin=tar.stdout)

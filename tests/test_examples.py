@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 def test_there_are_examples() -> None:
     assert {p.stem for p in EXAMPLES} >= {"quickstart", "dataframe_groupby", "etl_over_http", "sklearn_search",
-                                          "adaptive_budget"}
+                                          "adaptive_budget", "lightgbm_training"}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
