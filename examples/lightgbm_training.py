@@ -5,9 +5,9 @@ LightGBM process per worker holding data, and they grow each tree together over 
 they open between themselves (data-parallel: the workers add up their histograms of
 gradients).  Everything LightGBM asks of Dask comes from your client (submitting its
 training tasks, asking who holds which chunk), so it runs under the rules for rented
-workers, whose certificates may not act as clients.  The model is checked against LightGBM trained on this machine alone: the same
-first tree (which a worker with only its own rows could not grow) and the same accuracy
-on held-out rows.
+workers, whose certificates may not act as clients.  The model is checked against
+LightGBM trained on this machine alone: the same first tree (which a worker with only
+its own rows could not grow) and the same accuracy on held-out rows.
 
 On docker workers, build the worker image after installing lightgbm (``golem-dask image
 build``): the image holds your environment, and its base the OpenMP runtime LightGBM loads.
