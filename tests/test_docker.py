@@ -441,6 +441,28 @@ def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path)
     assert "non-root user with every capability dropped" in text and "docker network 'bridge'" in text
 
 
+def test_deploy_refuses_an_image_the_provider_does_not_sell(docker_client):
+    """A demand may name any image on the provider's machine: only worker images (labelled
+    by 'golem-dask image build') and those the provider allows run."""
+    import asyncio
+
+    import dask
+
+    from golem_dask.image import BASE_TAG, build_base
+
+    build_base(log=lambda _: None)  # on the machine, unlabelled
+    runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
+
+    async def main() -> None:
+        with pytest.raises(ActivityError, match=f"image {BASE_TAG} is not a worker image this provider sells"):
+            await _activity(runtime, BASE_TAG).deploy()
+        with dask.config.set({"golem.provider.allowed-images": [BASE_TAG]}):
+            assert BASE_TAG in await _activity(runtime, BASE_TAG).deploy()
+
+    asyncio.run(main())
+    assert our_containers(docker_client) == []
+
+
 def test_deploy_refuses_an_image_of_other_versions_than_the_requestors(docker_client):
     """The requestor's demand names its Python, dask and distributed; the image's label must match."""
     import asyncio
