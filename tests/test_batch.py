@@ -70,3 +70,19 @@ def test_batch_gas_per_payee_is_about_half_of_single_transfers(anvil, tmp_path, 
     ratio = per_batch / per_single
     print(f"n={n}: single {per_single:.0f} gas/payee, batch {per_batch:.0f} gas/payee, ratio {ratio:.3f}")
     assert ratio <= (0.52 if n >= 50 else 0.62)
+
+
+def test_a_batch_address_holding_another_contract_is_refused_before_any_approval(anvil, tmp_path):
+    """The payer lets the batch contract move its tokens, so the code there must be ours."""
+    from golem_dask.errors import PaymentError
+    from golem_dask.chain.deploy import token_contract
+
+    wallet = Wallet.generate()
+    fund(anvil.web3(), anvil.contracts["token"], anvil.accounts[0], wallet.address, Decimal(10), 10**19)
+    impostor = anvil.contracts["token"]  # a contract, but not the batch payer
+    p = EthereumPayer(anvil.web3(), wallet=wallet, token_address=anvil.contracts["token"], batch_address=impostor,
+                      ledger=Ledger(tmp_path / "ledger.sqlite"), batch_window_s=0.05, poll_interval=0.05)
+    with pytest.raises(PaymentError, match="is not golem-dask's batch contract .* leave golem.payment.batch-address"):
+        asyncio.run(p.pay(Wallet.generate().address, Decimal("0.01"), reference="r"))
+    token = token_contract(anvil.web3(), anvil.contracts["token"])
+    assert token.functions.allowance(wallet.address, impostor).call() == 0

@@ -120,8 +120,17 @@ def connect(source: Any, token_address: str | None, batch_address: str | None,
                                "check token_address and the chain the Web3 is connected to")
         batch = None
         if batch_at:
-            if not w3.eth.get_code(batch_at):
+            code = bytes(w3.eth.get_code(batch_at))
+            if not code:
                 raise PaymentError(f"no contract at batch address {batch_at} on chain {chain_id}; "
                                    "check golem.payment.batch-address (or leave it empty to pay one by one)")
-            batch = w3.eth.contract(address=batch_at, abi=load_artifact(BATCH_CONTRACT)["abi"])
+            artifact = load_artifact(BATCH_CONTRACT)
+            # The payer approves this contract to move its tokens: it must be ours, unchanged
+            # (its runtime code is part of the shipped artefact's deployment code).
+            if code not in bytes.fromhex(str(artifact["bytecode"]).removeprefix("0x")):
+                raise PaymentError(f"the contract at batch address {batch_at} on chain {chain_id} is not golem-dask's "
+                                   f"batch contract ({BATCH_CONTRACT}), and the payer would let it move its tokens; "
+                                   "deploy the shipped one ('golem-dask devnet' does) or leave "
+                                   "golem.payment.batch-address empty to pay one by one")
+            batch = w3.eth.contract(address=batch_at, abi=artifact["abi"])
     return Connection(w3, chain_id, token_contract(w3, token), batch, lock, devnet)
