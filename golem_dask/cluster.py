@@ -36,6 +36,7 @@ from golem_dask.payment.budget import Budget
 from golem_dask.protocol.messages import ExeCommand
 from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runtime
 from golem_dask.provider.runtime.base import Runtime
+from golem_dask.progress import show_progress
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
 from golem_dask.upkeep import (affordable, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
@@ -248,6 +249,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         # Everything that can be wrong with the arguments fails here, before any
         # process, market or chain is started.
         self.events = EventLog()
+        self.progress = show_progress(self, config.get("cluster.progress"))
         quiet_closed_comms()
         backend = backend_of(market)
         if backend == "yagna":
@@ -418,6 +420,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         return super().close(timeout=timeout)
 
     async def _close(self) -> None:
+        self.progress.close()  # what follows is the bill, not progress
         try:
             await super()._close()
         finally:
@@ -427,6 +430,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         if self._golem_closed:
             return
         self._golem_closed = True
+        self.progress.close()
         await drop_early_rentals(self._parts)
         with contextlib.suppress(Exception):
             await self.negotiator.close()

@@ -73,13 +73,21 @@ def cells(w: WorkerLine) -> tuple[str, ...]:
     return (w.worker, w.provider, w.price, w.state, f"{w.cpu_sec:.1f}", f"{w.duration_sec:.1f}", plain(w.cost))
 
 
+def progress_lines(cluster: Any) -> list[str]:
+    """The cluster's progress (offers, agreements, workers by stage) and its last hint."""
+    progress = getattr(cluster, "progress", None)
+    if progress is None:
+        return []
+    return [f"progress: {progress.line()}", *([f"hint: {progress.hint}"] if progress.hint else [])]
+
+
 def status_text(cluster: Any) -> str:
-    """The workers and the money, as a plain-text table."""
+    """The workers and the money, as a plain-text table, and the progress."""
     lines = worker_lines(cluster)
     rows = [HEADER, *(cells(w) for w in lines)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join([*table, money_line(cluster, lines)])
+    return "\n".join([*table, money_line(cluster, lines), *progress_lines(cluster)])
 
 
 def status_html(cluster: Any) -> str:
@@ -88,7 +96,8 @@ def status_html(cluster: Any) -> str:
     head = "".join(f"<th style='text-align:left'>{h}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells(w)) + "</tr>"
                    for w in lines)
-    return (f"<div><h4 style='margin-bottom:0'>Golem</h4><p>{html.escape(money_line(cluster, lines))}</p>"
+    progress = "".join(f"<p style='margin:0'>{html.escape(line)}</p>" for line in progress_lines(cluster))
+    return (f"<div><h4 style='margin-bottom:0'>Golem</h4><p>{html.escape(money_line(cluster, lines))}</p>{progress}"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 

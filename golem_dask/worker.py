@@ -186,7 +186,8 @@ class Rental:
         assert self.activity_id is not None
         sealed = self._sealed(script)
         for command, line in zip(script, await p.market.exec(self.activity_id, sealed, p.start_timeout_s)):
-            p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name)
+            p.events.emit("activity", f"{self.name}: {command.command}: {line}", worker=self.name,
+                          command=command.command)
 
     async def _follow(self, activity_id: str) -> None:
         async for activity in self.parts.market.activity_events(activity_id):
@@ -234,7 +235,7 @@ class Rental:
                                      f"settling {agreement_id}")
             if account is not None:
                 p.events.emit("worker", f"worker {self.name} released: {account.status.value}, "
-                              f"{account.amount} GLM", worker=self.name)
+                              f"{account.amount} GLM", worker=self.name, state="released")
         if self._watch is not None:
             self._watch.cancel()
         p.registrations.forget(self.name)
@@ -335,7 +336,7 @@ class GolemWorker(ProcessInterface):
             assert self.deal is not None
             p.events.emit("worker", f"worker {self.name} ready at {self.address} "
                           f"(agreement {self.deal.agreement.id[:8]} with {self.deal.candidate.name})",
-                          worker=self.name)
+                          worker=self.name, state="running")
         except BaseException as e:
             self.error = e
             self.status = Status.failed

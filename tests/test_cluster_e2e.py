@@ -107,14 +107,19 @@ def check_bill_as_data(bill, on_chain: dict[str, Decimal], started: float, close
     assert over_time.lines[0].get_ydata()[-1] == pytest.approx(float(bill.total))
 
 
-def test_the_widget_and_the_status_table_show_providers_prices_states_and_money() -> None:
-    from golem_dask.display import status_html, status_text
+def test_the_widget_and_the_status_table_show_providers_prices_states_and_money(capsys) -> None:
+    from golem_dask.display import status_text
 
-    providers = [provider("<i>lab</i>", 1, "0.05"), provider("mid", 1, "0.1", hour="0")]
-    with dask.config.set({"golem.provider.local": providers}), \
-            GolemCluster(n_workers=2, budget="1") as cluster, Client(cluster) as client:
+    providers = [provider("<i>lab</i>", 1, "0.05"), provider("mid", 1, "0.1", hour="0"), provider("dear", 1, "0.9")]
+    with dask.config.set({"golem.provider.local": providers, "golem.cluster.progress": True}), \
+            GolemCluster(n_workers=2, budget="1", max_price_per_cpu_hour="0.5") as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         time.sleep(1.5)  # a debit note each
+        progress = "3 offers (1 refused: 1 over max_price_per_cpu_hour=0.5); 2 agreements; workers 2/2 running"
+        # Not a terminal here: the progress is printed as plain lines, the last one settled.
+        printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("golem: ")]
+        assert printed[-1] == f"golem: {progress}" and len(printed) >= 3, printed
+        assert status_text(cluster).splitlines()[4] == f"progress: {progress}"
         text = status_text(cluster).splitlines()
         assert text[0].split() == ["worker", "provider", "price", "GLM", "state", "CPU", "s", "time", "s", "cost", "GLM"]
         rows = {line.split()[0]: line for line in text[1:3]}
@@ -125,6 +130,7 @@ def test_the_widget_and_the_status_table_show_providers_prices_states_and_money(
         page = cluster._repr_html_()  # what the notebook and dask's widget show
         assert "&lt;i&gt;lab&lt;/i&gt;" in page and "<i>lab" not in page and "GolemCluster" in page
         assert page.count("<td style='text-align:left'>running</td>") == 2
+        assert f"<p style='margin:0'>progress: {progress}</p>" in page
     after = status_text(cluster).splitlines()
     bill = {e.worker: e for e in cluster.bill().entries}
     for line in after[1:3]:

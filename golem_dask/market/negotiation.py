@@ -127,6 +127,37 @@ def summarize(reasons: Iterable[str]) -> str:
     return ", ".join(f"{n} {label}" for label, n in counts.most_common())
 
 
+#: What to change when many offers are refused for a reason (by :func:`category`).
+_RELAX = {
+    "short of cpu threads": "ask for fewer cpu per worker",
+    "short of memory": "ask for less memory per worker",
+    "short of storage": "ask for less storage per worker",
+    "wrong runtime": "leave runtime unset or pick one providers run",
+    "unsupported pricing model": "(providers price otherwise: nothing to relax)",
+    "no address on our payment platform": "pay on a platform providers take (golem.payment.platform)",
+}
+
+
+def advice(reasons: Iterable[str]) -> str:
+    """What to relax so more of the offers refused for ``reasons`` would match.
+
+    Examples
+    --------
+    >>> advice(["over max_price_per_cpu_hour=0.1 (asks 0.5)", "golem.inf.mem.gib>=64 (offer has 24)"])
+    'raise max_price_per_cpu_hour (0.1); ask for less memory per worker'
+    """
+    tips = []
+    for label, _ in Counter(category(r) for r in reasons).most_common():
+        if label.startswith("over max_") and "=" in label:
+            cap, value = label.removeprefix("over ").split("=", 1)
+            tip = f"raise {cap} ({value})"
+        else:
+            tip = _RELAX.get(label, "")
+        if tip and tip not in tips:
+            tips.append(tip)
+    return "; ".join(tips)
+
+
 class Reservations(Protocol):
     """What negotiation needs of the requestor's budget (:class:`~golem_dask.payment.budget.Budget`)."""
 
@@ -179,6 +210,7 @@ class Negotiator:
         utilisation: Decimal,
         events: Any = None,
         reputation: Reputation | None = None,
+        hint_after_s: float = 0.0,
     ) -> None:
         self.market = market
         self.spec = spec
@@ -204,6 +236,10 @@ class Negotiator:
         #: Providers this cluster stopped renting from (caught delivering too little).
         self.excluded: set[str] = set()
         self._budget_said: tuple[Decimal, Decimal] | None = None  # the last budget shortfall said
+        #: After this long with nothing matching, say what is refused and what to relax (once).
+        self.hint_after_s = hint_after_s
+        self._waiting_since: float | None = None
+        self._hinted = False
 
     @classmethod
     def from_config(cls, market: Market, spec: DemandSpec, requestor_address: str, budget: Reservations,
@@ -217,6 +253,7 @@ class Negotiator:
             utilisation=Decimal(str(config.get("market.expected-utilisation"))),
             events=events,
             reputation=reputation,
+            hint_after_s=config.seconds("market.hint-after"),
         )
 
     def _emit(self, kind: str, message: str, **data: Any) -> None:
@@ -255,7 +292,8 @@ class Negotiator:
         name = proposal.properties.get(P.NODE_NAME, proposal.provider_id)
         if isinstance(result, str):
             self.refused[proposal.offer_id] = result
-            self._emit("rejected", f"offer from {name} refused: {result}", provider=proposal.provider_id)
+            self._emit("rejected", f"offer from {name} refused: {result}", provider=proposal.provider_id,
+                       reason=result)
             return
         if self.reputation is not None and (factor := self.reputation.factor(proposal.provider_id)) != 1:
             result = dataclasses.replace(result, expected_cost=result.expected_cost * factor)
@@ -289,6 +327,8 @@ class Negotiator:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.negotiation_timeout_s
+        if self._waiting_since is None or self.candidates:
+            self._waiting_since, self._hinted = loop.time(), False
         declined_here: set[str] = set()
         while True:
             window = self.market.collection_window_s
@@ -297,10 +337,14 @@ class Negotiator:
             options = [c for c in rank(self.candidates.values()) if c.proposal.offer_id not in declined_here
                        and c.proposal.provider_id not in self.excluded]
             if not options:
+                hint_at = self._waiting_since + self.hint_after_s if self.hint_after_s else deadline
                 try:
-                    await self._wait_for_offers(deadline)
+                    await self._wait_for_offers(min(deadline, hint_at) if not self._hinted else deadline)
                 except asyncio.TimeoutError:
-                    raise NoOffersError(await self.explain()) from None
+                    if loop.time() >= deadline:
+                        raise NoOffersError(await self.explain()) from None
+                    self._hinted = True
+                    self._emit("hint", f"nothing matched for {self.hint_after_s:g}s: {await self.explain(waited=True)}")
                 continue
             affordable = [c for c in options if self.budget.can_afford(c.worst_case)]
             if not affordable:
@@ -349,11 +393,13 @@ class Negotiator:
             f"(reserved up to {candidate.worst_case} GLM)",
             agreement_id=approved.id,
             provider=approved.provider_id,
+            worker=worker,
         )
         return Deal(approved, candidate, reservation)
 
-    async def explain(self) -> str:
-        """Why no offer could be used, offer by offer in summary."""
+    async def explain(self, waited: bool = False) -> str:
+        """Why no offer could be used, offer by offer in summary, and what to relax
+        (``waited``: said while still waiting, not at the timeout)."""
         constraint = str(self.spec.constraints)
         reasons: list[str] = list(self.refused.values()) + list(self.declined.values())
         seen = set(self.refused) | set(self.declined) | set(self.candidates)
@@ -369,11 +415,10 @@ class Negotiator:
             if not why and self._demand is not None:
                 why = [f"offer's own constraints refuse us: {r}" for r in C.explain(C.parse(offer.constraints), self._demand.properties)]
             reasons.extend(why[:1])
-        timeout = self.negotiation_timeout_s
+        within = "yet" if waited else f"within {self.negotiation_timeout_s:g}s"
         if not reasons:
-            return f"no provider offered anything matching {constraint} within {timeout:g}s (the market has no offers)"
-        return (
-            f"no provider matched {constraint} within {timeout:g}s; {len(reasons)} offers were rejected: "
-            f"{summarize(reasons)}"
-        )
+            return f"no provider offered anything matching {constraint} {within} (the market has no offers)"
+        relax = advice(reasons)
+        return (f"no provider matched {constraint} {within}; {len(reasons)} offers were rejected: "
+                f"{summarize(reasons)}" + (f"; to match more: {relax}" if relax else ""))
 
