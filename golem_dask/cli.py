@@ -303,6 +303,37 @@ def providers(path: str | None, as_json: bool) -> int:
     return 0
 
 
+def status(as_json: bool) -> int:
+    """Print each GolemCluster running on this machine: its workers and its money."""
+    import urllib.request
+
+    from golem_dask.dashboard import registry, running_clusters
+
+    shown = []
+    for record in running_clusters():
+        try:
+            with urllib.request.urlopen(f"{record['dashboard']}/golem.json", timeout=5) as answer:
+                record = {**record, **json.loads(answer.read())}
+        except OSError as e:
+            record = {**record, "error": f"its dashboard did not answer: {e}"}
+        shown.append(record)
+    if as_json:
+        print(json.dumps(shown))
+        return 0
+    if not shown:
+        print(f"no GolemCluster is running on this machine (none listed in {registry()})")
+        return 0
+    for record in shown:
+        print(f"{record['name']} (process {record['pid']}), dashboard {record['dashboard']}/golem")
+        if "error" in record:
+            print(f"  {record['error']}")
+            continue
+        print(f"  {record['money']}")
+        for w in record["workers"]:
+            print("  " + "  ".join(f"{k}={v}" for k, v in w.items()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "golem-dask") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Rent Dask workers from a market of compute providers and pay them per use; "
@@ -315,6 +346,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "golem-dask") -> int:
     p.add_argument("--budget", default="1", help="GLM the cluster may spend (default: 1)")
     p.add_argument("--size", type=int, default=2000, help="side of the square array (default: 2000)")
     sub.add_parser("version", help="print the version")
+    st = sub.add_parser("status", help="the GolemClusters running on this machine: their workers, providers, "
+                                       "costs and money")
+    st.add_argument("--json", action="store_true", help="print JSON instead of text")
     img = sub.add_parser("image", help="worker images")
     img_sub = img.add_subparsers(dest="image_command", required=True)
     b = img_sub.add_parser("build", help="build a worker image holding this environment (its packages at their "
@@ -392,6 +426,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "golem-dask") -> int:
         return provider(args)
     if args.command == "ledger":
         return ledger(args.path, args.json)
+    if args.command == "status":
+        return status(args.json)
     if args.command == "providers":
         return providers(args.path, args.json)
     if args.command == "pay":

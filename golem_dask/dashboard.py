@@ -6,20 +6,29 @@ its dashboard (``/golem``, linked from the dashboard's top bar; ``/golem.json`` 
 the same data to a program).  The dashboard listens on the requestor's loopback only.
 The spend is sampled once a second while the scheduler runs; provider names come from
 strangers' offers and are escaped.
+
+Each running cluster is listed in ``<golem.payment.data-dir>/clusters/`` (its process,
+name and dashboard) until its scheduler closes: ``golem-dask status`` reads that list
+and each cluster's ``/golem.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import os
 import time
 import weakref
+from pathlib import Path
 from decimal import Decimal
 from typing import Any
 
+from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 from tornado.ioloop import PeriodicCallback
 
+from golem_dask import config
 from golem_dask.display import HEADER, cells, money_line, worker_lines
 from golem_dask.payment.bill import plain
 
@@ -142,6 +151,9 @@ def attach(scheduler: Any, cluster: Any) -> None:
     callback = PeriodicCallback(view.sample, 1000)
     scheduler.periodic_callbacks["golem-spend"] = callback
     callback.start()
+    link = getattr(cluster, "dashboard_link", None)
+    if link:
+        _Registered(scheduler, cluster.name, link.rsplit("/", 1)[0])
     try:  # the dashboard's top bar (only with bokeh, which serves that bar)
         from distributed.dashboard.scheduler import template_variables
 
@@ -150,6 +162,47 @@ def attach(scheduler: Any, cluster: Any) -> None:
             pages.append("golem")
     except ImportError:
         pass
+
+
+def registry() -> Path:
+    """Where running clusters are listed (``<golem.payment.data-dir>/clusters``)."""
+    return Path(os.path.expanduser(config.get("payment.data-dir"))) / "clusters"
+
+
+def running_clusters() -> list[dict[str, Any]]:
+    """The clusters listed in :func:`registry` whose process still runs (stale entries go)."""
+    import psutil
+
+    found = []
+    for entry in sorted(registry().glob("*.json")):
+        try:
+            record = json.loads(entry.read_text())
+            alive = psutil.pid_exists(int(record["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if alive:
+            found.append(record)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    return found
+
+
+class _Registered(SchedulerPlugin):
+    """A scheduler plugin that lists its cluster in :func:`registry` until it closes."""
+
+    name = "golem-registry"
+
+    def __init__(self, scheduler: Any, cluster_name: str, dashboard: str) -> None:
+        self.path = registry() / f"{os.getpid()}-{cluster_name}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"pid": os.getpid(), "name": cluster_name, "dashboard": dashboard,
+                                         "scheduler": scheduler.address, "started": time.time()}))
+        scheduler.add_plugin(self)
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 class _Handler(web.RequestHandler):

@@ -10,7 +10,7 @@ import pytest
 
 from golem_dask.cli import main
 
-COMMANDS = ["demo", "version", "image", "image build", "ledger", "providers", "pay", "devnet", "hub", "provider"]
+COMMANDS = ["demo", "version", "status", "image", "image build", "ledger", "providers", "pay", "devnet", "hub", "provider"]
 
 
 def help_of(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]

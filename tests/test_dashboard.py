@@ -20,6 +20,7 @@ import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -117,3 +118,23 @@ def test_the_spend_chart_draws_one_line_per_provider_and_escapes_names() -> None
     # The larger series reaches the top of the plot, the smaller one half way.
     tops = [min(float(p.split(",")[1]) for p in pts.split()) for pts in re.findall(r"points='([^']+)'", svg)]
     assert tops[1] == 20.0 and tops[0] == pytest.approx(20 + 220 / 2)
+
+
+def test_status_lists_the_running_clusters_with_their_workers_and_money(tmp_path: Path) -> None:
+    import sys
+
+    env = {**os.environ, "DASK_GOLEM__PAYMENT__DATA_DIR": str(tmp_path)}
+    status = [sys.executable, "-m", "golem_dask.cli", "status"]
+    with dask.config.set({"golem.payment.data-dir": str(tmp_path)}), \
+            GolemCluster(n_workers=1, cpu=1, memory="1GiB", budget="1") as cluster, Client(cluster):
+        listed = json.loads(subprocess.run([*status, "--json"], env=env, capture_output=True, text=True,
+                                           timeout=60, check=True).stdout)
+        text = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+        assert [c["name"] for c in listed] == [cluster.name] and listed[0]["pid"] == os.getpid()
+        (worker,) = listed[0]["workers"]
+        agreement = next(iter(cluster.accountant.accounts.values())).agreement
+        assert worker["worker"] == "golem-0" and agreement.provider_id[:10] in worker["provider"]
+        assert listed[0]["money"].endswith("of 1 GLM left (erc20-devnet-glm)")
+        assert f"{cluster.name} (process {os.getpid()})" in text and "worker=golem-0" in text
+    after = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert after.startswith("no GolemCluster is running on this machine")
