@@ -26,9 +26,14 @@ warm-up rounds; figures are medians of the repeats):
    deleted after every run.  Also the extra resident memory of this process during
    ``copy`` (peak minus the RSS before it).
 
+3. Remote transfer: the same file downloaded from S3 (moto's server, a subprocess on
+   loopback), uploaded to it, and downloaded over HTTP (``python -m http.server``), with
+   ``golem_dask.transfer.copy`` and with fsspec's own ``get``/``put``, alternating.
+
 Targets: start-up GolemCluster (default, TLS) / bare-container floor (TCP) <= 1.10 for
 every N; ``copy`` throughput / ``cp`` throughput >= 0.8, and the same for the sandbox
-copy; peak extra RSS during ``copy`` < 64 MiB.  The process exits with status 1 if a
+copy; peak extra RSS during ``copy`` < 64 MiB; for each remote path ``copy`` throughput /
+fsspec's own >= 0.9 with the same memory bound.  The process exits with status 1 if a
 target fails.
 
 Every bare container carries the label ``golem-dask-bench.pid=<this pid>`` and is removed
@@ -80,6 +85,7 @@ WORKER_MEMORY = "1GiB"  # Golem demand, and --memory-limit of the bare workers
 BUDGET = "5"
 STARTUP_TARGET = 1.10  # GolemCluster time / bare-container floor time, at most
 TRANSFER_TARGET = 0.80  # copy throughput / cp throughput, at least
+REMOTE_TARGET = 0.90  # copy throughput / fsspec's own get or put, at least (S3 and HTTP)
 MEMORY_TARGET_MIB = 64.0  # peak extra RSS during copy, below
 SETTLE_S = 0.5  # pause after each close so the next measurement starts on a quiet machine
 SETTLE_MAX_EXTRA_S = 1.0  # ... plus up to this long while the machine is still busy
@@ -543,10 +549,113 @@ def bench_transfer(repeats: int, size_mb: int, directory: str | None) -> dict[st
     }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(argv: list[str], port: int, cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """A server subprocess on loopback, once it accepts connections."""
+    import socket
+
+    server = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return server
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"{argv[0]} did not listen on port {port}")
+
+
+def bench_remote(repeats: int, size_mb: int, directory: str | None) -> dict[str, Any]:
+    """``golem_dask.transfer.copy`` against fsspec's own ``get``/``put`` on remote ends: S3
+    (moto's server, a subprocess) down and up, and HTTP (``python -m http.server``) down."""
+    import boto3
+    import fsspec
+
+    from golem_dask.transfer import copy
+
+    nbytes = size_mb * MB
+    work = Path(tempfile.mkdtemp(prefix="golem-bench-remote-", dir=directory))
+    s3_port, http_port = _free_port(), _free_port()
+    servers = [_serve([sys.executable, "-m", "moto.server", "-p", str(s3_port)], s3_port)]
+    try:
+        servers.append(_serve([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(http_port)], http_port,
+                              cwd=str(work)))
+        options = {"key": "testing", "secret": "testing",
+                   "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{s3_port}", "region_name": "us-east-1"}}
+        boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                     **options["client_kwargs"]).create_bucket(Bucket="bench")
+        s3 = fsspec.filesystem("s3", **options)
+        http = fsspec.filesystem("http")
+        src = work / "source.bin"
+        _make_file(src, nbytes)
+        s3.put_file(str(src), "bench/source.bin")
+        url = f"http://127.0.0.1:{http_port}/source.bin"
+        dst = work / "landed.bin"
+
+        def gone() -> None:
+            dst.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                s3.rm_file("bench/up.bin")
+            os.sync()
+
+        runs: dict[str, dict[str, Callable[[], Any]]] = {
+            "s3 get": {"fsspec": lambda: s3.get("bench/source.bin", str(dst)),
+                       "copy": lambda: copy("s3://bench/source.bin", str(dst), source_options=options)},
+            "s3 put": {"fsspec": lambda: s3.put(str(src), "bench/up.bin"),
+                       "copy": lambda: copy(str(src), "s3://bench/up.bin", destination_options=options)},
+            "http get": {"fsspec": lambda: http.get(url, str(dst)),
+                         "copy": lambda: copy(url, str(dst))},
+        }
+        samples: dict[str, dict[str, list[float]]] = {path: {"fsspec": [], "copy": []} for path in runs}
+        memory: dict[str, float] = {}
+        log("remote transfer warm-up ...")
+        for path, methods in runs.items():
+            for method in methods.values():
+                method()
+                gone()
+        for r in range(repeats):
+            for path, methods in runs.items():
+                for kind in (("fsspec", "copy") if r % 2 == 0 else ("copy", "fsspec")):
+                    gc.collect()
+                    t = time.perf_counter()
+                    methods[kind]()
+                    samples[path][kind].append(time.perf_counter() - t)
+                    gone()
+            log(f"  rep {r + 1}/{repeats}: " + "  ".join(
+                f"{path} fsspec {v['fsspec'][-1]:.3f} s / copy {v['copy'][-1]:.3f} s" for path, v in samples.items()))
+        for path, methods in runs.items():
+            with PeakRSS() as peak:
+                methods["copy"]()
+            gone()
+            memory[path] = max(peak.sampled_extra, peak.hwm_extra)
+    finally:
+        for server in servers:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(10)
+            if server.poll() is None:
+                server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "size_bytes": nbytes,
+        "samples_s": samples,
+        "ratio": {p: median(v["fsspec"]) / median(v["copy"]) for p, v in samples.items()},  # throughput
+        "paired_ratio": {p: paired_median(v["fsspec"], v["copy"]) for p, v in samples.items()},
+        "peak_extra_rss_bytes": memory,
+    }
+
+
 # -- report -----------------------------------------------------------------------------
 
 
-def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repeats: int) -> list[dict[str, Any]]:
+def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repeats: int,
+           remote: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
     log()
     log(f"== results: medians of {repeats} repeats, seconds [min-max] ==")
@@ -605,6 +714,22 @@ def report(startup: dict[str, Any] | None, transfer: dict[str, Any] | None, repe
             "value": peak_mib,
             "pass": peak_mib < MEMORY_TARGET_MIB,
         })
+    if remote:
+        log()
+        log(f"3. transfer of a {remote['size_bytes'] / MB:.0f} MB file to and from remote ends: "
+            "golem_dask.transfer.copy vs fsspec's own get/put")
+        log(f"   {'path':<9}  {'fsspec s':>18}  {'copy s':>18}  {'ratio':>6}  {'paired':>6}  {'extra RSS':>9}")
+        for path, v in remote["samples_s"].items():
+            ratio = remote["ratio"][path]
+            extra = remote["peak_extra_rss_bytes"][path] / MIB
+            theirs = f"{median(v['fsspec']):6.3f} [{spread(v['fsspec'])}]"
+            ours = f"{median(v['copy']):6.3f} [{spread(v['copy'])}]"
+            log(f"   {path:<9}  {theirs:>18}  {ours:>18}  {ratio:>6.3f}  {remote['paired_ratio'][path]:>6.3f}  "
+                f"{extra:>7.1f} MiB")
+            targets.append({"name": f"transfer {path}: copy throughput / fsspec's own >= {REMOTE_TARGET:.2f}",
+                            "value": ratio, "pass": ratio >= REMOTE_TARGET})
+            targets.append({"name": f"transfer {path}: peak extra RSS during copy < {MEMORY_TARGET_MIB:.0f} MiB",
+                            "value": extra, "pass": extra < MEMORY_TARGET_MIB})
     report_targets(targets)
     return targets
 
@@ -621,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-tls-floor", action="store_true", help="skip the TLS variant of the bare floor")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-transfer", action="store_true")
+    parser.add_argument("--skip-remote", action="store_true", help="skip the S3 and HTTP transfers")
     args = parser.parse_args(argv)
 
     repeats = args.repeats or (2 if args.quick else 5)
@@ -638,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} cpus, repeats={repeats}{' (quick)' if args.quick else ''}")
     started = time.perf_counter()
 
-    startup = transfer = None
+    startup = transfer = remote = None
     image = None
     try:
         if not args.skip_startup:
@@ -664,6 +790,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"transfer: golem_dask.transfer.copy and the sandbox copy vs cp, {args.size_mb} MB, "
                 f"{transfer_repeats} repeats")
             transfer = bench_transfer(transfer_repeats, args.size_mb, args.tmpdir)
+        if not args.skip_remote:
+            log()
+            log(f"remote transfer: golem_dask.transfer.copy vs fsspec's get/put on S3 (moto) and HTTP, "
+                f"{args.size_mb} MB, {transfer_repeats} repeats")
+            remote = bench_remote(transfer_repeats, args.size_mb, args.tmpdir)
     finally:
         if _CONTAINERS is not None:
             left = _CONTAINERS.sweep()
@@ -672,12 +803,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _CONTAINERS.close()
             _CONTAINERS = None
 
-    targets = report(startup, transfer, repeats)
+    targets = report(startup, transfer, repeats, remote)
     total = time.perf_counter() - started
     log(f"\n(total benchmark time {total:.0f} s)")
     return finish(args.json, targets, repeats=repeats, transfer_repeats=transfer_repeats, quick=args.quick,
                   image=image, worker_memory=WORKER_MEMORY, provider=PROVIDER, startup=startup,
-                  transfer=transfer, total_s=total)
+                  transfer=transfer, remote=remote, total_s=total)
 
 
 if __name__ == "__main__":

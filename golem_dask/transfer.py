@@ -11,11 +11,13 @@ backends are raised as :class:`~golem_dask.errors.TransferError` naming the URL.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import errno
 import logging
 import os
 import posixpath
 import queue
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -242,17 +244,74 @@ def _copy_stream(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int) -> tu
     return nbytes, digest.hexdigest()
 
 
+#: Parts of a file in flight at once when a filesystem uploads in concurrent parts (s3fs):
+#: with parts of one chunk, the memory a copy holds stays near this many chunks.
+_PARTS_IN_FLIGHT = 3
+
+
+def _bounded(method: Any, chunk: int, parts: int) -> dict[str, int]:
+    """Keyword arguments that keep a filesystem's own bulk transfer to ``parts`` parts of
+    ``chunk`` bytes in flight, where it moves files in concurrent parts (s3fs: its
+    defaults, 10 parts of 50 MiB, held ~230 MiB for a 200 MB download)."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"chunksize": chunk, "max_concurrency": parts} if "max_concurrency" in parameters else {}
+
+
+def _hash_growing(path: str, chunk: int, done: threading.Event) -> str:
+    """Hash ``path`` while another thread writes it from the start: read what has landed,
+    wait a little when caught up, and read the rest once ``done`` is set."""
+    digest = _checksum()
+    buf = memoryview(bytearray(chunk))
+    while not os.path.exists(path):
+        if done.is_set():
+            break
+        done.wait(0.001)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            finished = done.is_set()  # before reading: the last bytes are then read below
+            n = f.readinto(buf)
+            if n:
+                digest.update(buf[:n])
+            elif finished:
+                return digest.hexdigest()
+            else:
+                done.wait(0.001)
+
+
 def _get_remote(src_fs: Any, src: str, dst: str, chunk: int) -> tuple[int, str]:
     """A remote file to a local path through the filesystem's own download (S3, HTTP, GCS:
-    one streamed request rather than a ranged read per chunk, twice as fast against S3),
-    then the bytes that landed hashed; the caller checks the size against the source's."""
-    src_fs.get_file(src, dst)
-    return os.path.getsize(dst), _hash_file(dst, chunk)
+    one streamed request rather than a ranged read per chunk), hashing the bytes that landed
+    as they land; the caller checks the size against the source's."""
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(dst, 0)  # the hashing thread must not read older bytes (dst may be /proc/self/fd/N)
+    done = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="golem-transfer-hash") as pool:
+        digest = pool.submit(_hash_growing, dst, chunk, done)
+        try:
+            # One streamed request: against moto 4-5x faster than s3fs's concurrent ranges,
+            # in constant memory.
+            src_fs.get_file(src, dst, **_bounded(getattr(src_fs, "_get_file", None), chunk, 1))
+        finally:
+            done.set()
+        return os.path.getsize(dst), digest.result()
+
+
+def _put_remote(src: str, dst_fs: Any, dst: str, chunk: int) -> tuple[int, str]:
+    """A local file to a filesystem that uploads in concurrent parts (s3fs), through its
+    own upload, the source hashed meanwhile; the caller checks the size that landed."""
+    with ThreadPoolExecutor(1, thread_name_prefix="golem-transfer-hash") as pool:
+        digest = pool.submit(_hash_file, src, chunk)
+        dst_fs.put_file(src, dst, **_bounded(dst_fs._put_file, chunk, _PARTS_IN_FLIGHT))
+        return os.path.getsize(src), digest.result()
 
 
 def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_BYTES, *,
-              remove_partial: bool = True) -> tuple[int, str]:
-    """Copy one file between two open filesystems, checked by size and :data:`CHECKSUM`.
+              remove_partial: bool = True, size: int | None = None) -> tuple[int, str]:
+    """Copy one file between two open filesystems, checked by size (``size`` if the caller
+    asked the source already) and :data:`CHECKSUM`.
 
     Returns the bytes copied and the source's checksum.  A destination that did not
     arrive whole is removed unless ``remove_partial`` is false (the caller then removes
@@ -267,11 +326,14 @@ def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_B
         elif _is_local(dst_fs) and getattr(src_fs, "async_impl", False):
             nbytes, digest = _get_remote(src_fs, src, dst, chunk)
             landed = digest
+        elif _is_local(src_fs) and _bounded(getattr(dst_fs, "_put_file", None), chunk, _PARTS_IN_FLIGHT):
+            nbytes, digest = _put_remote(src, dst_fs, dst, chunk)
+            landed = digest
         else:
             nbytes, digest = _copy_stream(src_fs, src, dst_fs, dst, chunk)
             # A local destination is read back; a remote one is checked by its size.
             landed = _hash_file(dst, chunk) if _is_local(dst_fs) else digest
-        expected = src_fs.size(src)
+        expected = size if size is not None else src_fs.size(src)
         written = dst_fs.size(dst)
         if expected is not None and nbytes != expected:
             raise TransferError(f"{src}: read {nbytes} bytes but the source has {expected}")
@@ -345,8 +407,6 @@ def copy(
         return TransferResult(nbytes=n, files=1, checksums={dst: h})
     src_fs, src = open_fs(source, source_options)
     with transfer_errors(source, destination):
-        if not src_fs.exists(src):
-            raise TransferError(f"{display_url(source)} does not exist")
         if src_fs.isdir(src):
             base = src.rstrip("/")
             for path in sorted(src_fs.find(base)):
@@ -356,8 +416,12 @@ def copy(
                 total += n
                 hashes[target] = h
         else:
+            try:  # one request answers both whether it exists and its size
+                size = src_fs.size(src)
+            except FileNotFoundError:
+                raise TransferError(f"{display_url(source)} does not exist") from None
             target = posixpath.join(dst, posixpath.basename(src)) if destination.endswith("/") else dst
-            n, h = copy_file(src_fs, src, dst_fs, target, chunk_bytes)
+            n, h = copy_file(src_fs, src, dst_fs, target, chunk_bytes, size=size)
             total += n
             hashes[target] = h
     return TransferResult(nbytes=total, files=len(hashes), checksums=hashes)
