@@ -180,7 +180,12 @@ def devnet(args: argparse.Namespace) -> int:
             saved.write_text(json.dumps(contracts))
         for address in addresses:
             fund(w3, str(contracts["token"]), deployer, address, tokens)
-        lines = {"RPC_URL": node.url, "CHAIN_ID": str(node.chain_id), "TOKEN_ADDRESS": contracts["token"]}
+        url = node.url
+        if args.host in ("0.0.0.0", "::"):  # listening everywhere: others reach it by this machine's name
+            import socket
+
+            url = f"http://{socket.gethostname()}:{args.port}"
+        lines = {"RPC_URL": url, "CHAIN_ID": str(node.chain_id), "TOKEN_ADDRESS": contracts["token"]}
         if contracts.get("batch"):
             lines["BATCH_ADDRESS"] = contracts["batch"]
         print(f"# a development chain at {node.url}; export these for requestors and providers:")
@@ -285,10 +290,16 @@ def provider(args: argparse.Namespace) -> int:
 
 def providers(path: str | None, as_json: bool) -> int:
     """Print the reputation store: one provider per line."""
+    import os
+
+    from golem_dask import config
     from golem_dask.market.reputation import Reputation
 
-    store = Reputation(path) if path else Reputation.default()
-    records = store.records()
+    path = path or os.path.join(os.path.expanduser(config.get("payment.data-dir")), "reputation.sqlite")
+    if not os.path.exists(path):  # reading makes no file
+        print(f"no providers remembered yet (no {path})", file=sys.stderr)
+        return 0
+    records = Reputation(path).records()
     if as_json:
         print(json.dumps([{"address": r.address, "name": r.name, "agreements": r.agreements,
                            "delivered": None if r.delivered is None else str(r.delivered),
@@ -387,7 +398,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "golem-dask") -> int:
     dn.add_argument("--anvil", help="the anvil binary (default: $GOLEM_DASK_ANVIL, then PATH)")
     dn.add_argument("--state-dir", help="keep the chain here between runs (default: a fresh chain each time)")
     h = sub.add_parser("hub", help="run a market hub")
-    h.add_argument("--listen", default="127.0.0.1:7465", help="HOST:PORT (default 127.0.0.1:7465)")
+    h.add_argument("--listen", default="127.0.0.1:7470",
+                   help="HOST:PORT (default 127.0.0.1:7470; 7465 is the yagna daemon's)")
     h.add_argument("--data-dir", help="where pushes for peers that are away are kept (default: golem.hub.data-dir)")
     pr = sub.add_parser("provider", help="sell this machine through a hub")
     pr.add_argument("--hub", required=True, help="tcp://HOST:PORT")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from decimal import Decimal
 from typing import Any
@@ -394,6 +395,8 @@ def test_golem_dask_providers_lists_what_is_remembered(tmp_path, capsys) -> None
     from golem_dask.market.reputation import Reputation
 
     path = str(tmp_path / "reputation.sqlite")
+    assert main(["providers", "--path", path]) == 0 and not os.path.exists(path)  # reading makes no file
+    assert "no providers remembered yet" in capsys.readouterr().err
     store = Reputation(path)
     store.agreement("0xA", "lab-1")
     store.delivered("0xA", "lab-1", bought_cpu_sec=Decimal(40), delivered_cpu_sec=Decimal(10))
