@@ -158,3 +158,12 @@ def test_every_cli_command_and_option_is_documented(command: tuple[str, ...]) ->
     options = sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", cli_help(*command))) - {"--help"})
     undocumented = [option for option in options if f"`{option}`" not in section]
     assert not undocumented, f"docs/cli.md does not describe these options of {title}: {undocumented}"
+
+
+def test_the_architecture_page_names_every_module_and_package() -> None:
+    page = (DOCS / "architecture.md").read_text()
+    package = ROOT / "golem_dask"
+    names = [p.name for p in package.glob("*.py") if not p.name.startswith("_")]
+    names += [f"{p.name}/" for p in package.iterdir() if p.is_dir() and not p.name.startswith("_")]
+    missing = sorted(name for name in names if f"`{name}`" not in page)
+    assert not missing, f"docs/architecture.md does not describe {missing}"
