@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from distributed import Scheduler
 from distributed.core import _expects_comm
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.http.utils import get_handlers
 
 from golem_dask.tls import role_of
@@ -70,4 +72,29 @@ class GolemScheduler(Scheduler):
         # The dashboard's Golem page (golem_dask.dashboard), beside dask's own routes.
         self.http_application.add_handlers(".*$", get_handlers(self, ["golem_dask.dashboard"],
                                                                kwargs.get("http_prefix", "/")))
+        self.removed = _Removed()
+        self.add_plugin(self.removed)
         self.handlers = {op: _guard(op, handler) for op, handler in self.handlers.items()}
+
+    def heartbeat_worker(self, *, address: str, **kwargs: Any) -> Any:
+        if address not in self.workers and address in self.removed:
+            # A retired worker's last heartbeat, sent before it heard it was removed (it
+            # closes on this answer): dask warns of an "unregistered worker", which every
+            # scale-down and close here would print.
+            return {"status": "missing"}
+        return super().heartbeat_worker(address=address, **kwargs)
+
+
+class _Removed(SchedulerPlugin):
+    """The addresses of the workers the scheduler removed lately."""
+
+    name = "golem-removed-workers"
+
+    def __init__(self) -> None:
+        self._recent: deque[str] = deque(maxlen=1024)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self._recent.append(worker)
+
+    def __contains__(self, address: object) -> bool:
+        return address in self._recent

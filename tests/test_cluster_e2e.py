@@ -421,3 +421,23 @@ def test_more_workers_than_the_machine_holds_fail_at_once_and_a_later_scale_is_c
             (said,) = [str(e) for e in cluster.events.of_kind("capacity")]
             assert "asked for 5; scaling to 2" in said
             assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_a_retired_workers_late_heartbeat_is_answered_without_a_warning(caplog) -> None:
+    with GolemCluster(n_workers=1, cpu=1, memory="1GiB") as cluster, Client(cluster) as client:
+        (address,) = client.scheduler_info()["workers"]
+        cluster.scale(0)
+        deadline = time.monotonic() + 30
+        while cluster.scheduler.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def heartbeats() -> list[dict]:
+            return [cluster.scheduler.heartbeat_worker(address=a, now=time.time(), metrics={})
+                    for a in (address, "tls://127.0.0.1:9")]
+
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="distributed.scheduler"):
+            answers = cluster.sync(heartbeats)
+    assert answers == [{"status": "missing"}, {"status": "missing"}]
+    warned = [r.getMessage() for r in caplog.records if "unregistered worker" in r.getMessage()]
+    assert warned == ["Received heartbeat from unregistered worker 'tls://127.0.0.1:9'."]  # never ours: dask's warning
