@@ -139,3 +139,36 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
         await payer.close()
 
     asyncio.run(main())
+
+
+def test_cpu_is_metered_by_running_agreement_for_any_worker_the_scheduler_knows() -> None:
+    """Under adapt, SpecCluster lists a batch's workers only once the whole batch is up;
+    a worker that runs tasks before then is still metered (by its running agreement)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from golem_dask.worker import meter_cpu
+
+    def account(worker: str, status: EntryStatus) -> SimpleNamespace:
+        return SimpleNamespace(worker=worker, agreement=SimpleNamespace(id=f"agr-{worker}"), status=status)
+
+    observed: dict[str, Decimal] = {}
+    accountant = SimpleNamespace(
+        accounts={"a": account("golem-7", EntryStatus.RUNNING), "b": account("golem-8", EntryStatus.PAID)},
+        observe_cpu=lambda agreement_id, cpu: observed.__setitem__(agreement_id,
+                                                                  observed.get(agreement_id, Decimal(0)) + cpu))
+    scheduler = SimpleNamespace(workers={
+        "tcp://a": SimpleNamespace(name="golem-7", metrics={"cpu": 150.0}),
+        "tcp://b": SimpleNamespace(name="golem-8", metrics={"cpu": 100.0}),  # paid: no longer metered
+        "tcp://c": SimpleNamespace(name="someone-else", metrics={"cpu": 100.0}),
+    })
+
+    async def run() -> None:
+        task = asyncio.ensure_future(meter_cpu(lambda: scheduler, accountant, 0.05))  # type: ignore[arg-type]
+        await asyncio.sleep(0.32)
+        task.cancel()
+
+    asyncio.run(run())
+    assert set(observed) == {"agr-golem-7"}
+    # 1.5 CPUs over at most the 0.32 s it ran.
+    assert Decimal(0) < observed["agr-golem-7"] <= Decimal("0.49")
