@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def unloadable_source() -> str:
-    """The text of :mod:`golem_dask.unloadable`, a worker's preload (not imported here)."""
-    return importlib.resources.files("golem_dask").joinpath("unloadable.py").read_text()
+def preload_source() -> str:
+    """The text of :mod:`golem_dask.preload`, a worker's preload (not imported here)."""
+    return importlib.resources.files("golem_dask").joinpath("preload.py").read_text()
 
 
 class Registrations(SchedulerPlugin):
@@ -300,9 +300,10 @@ class GolemWorker(ProcessInterface):
             # Without a requestor the worker is useless: exit rather than linger.
             "--death-timeout",
             str(int(config.seconds("worker.death-timeout"))),
-            # A task naming a package the worker lacks fails as a task, not as the worker.
+            # A task naming a package the worker lacks fails as a task, not as the worker;
+            # a rented worker refuses to open a client at once, with the reason.
             "--preload",
-            unloadable_source(),
+            preload_source(),
             *self.parts.worker_options,
         ]
 

@@ -523,3 +523,19 @@ def test_a_package_missing_from_the_image_is_a_task_error_that_costs_one_worker(
         assert client.submit(sum, [1, 2]).result() == 3  # the worker lives on
         assert len(cluster.bill().entries) == 1 and not cluster.events.of_kind("warning")
     assert cluster.bill().entries[0].status == "paid"
+
+
+def test_a_task_opening_a_client_on_a_docker_worker_is_refused_with_a_reason_it_can_read(docker_client):  # noqa: F811
+    """The worker image holds no golem-dask: the scheduler's refusal must be an error the
+    worker can unpickle, and the task fails with it (the worker lives on)."""
+
+    def open_a_client() -> str:
+        from distributed import get_client
+
+        return str(get_client(timeout=10))
+
+    with GolemCluster(n_workers=1, runtime="docker", budget="1") as cluster, Client(cluster) as client:
+        with pytest.raises(PermissionError, match="workers rented from strangers may not act as clients"):
+            client.submit(open_a_client, pure=False).result(timeout=60)
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert len(cluster.bill().entries) == 1

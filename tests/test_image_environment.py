@@ -82,8 +82,8 @@ def test_a_task_naming_a_missing_module_loads_as_a_stand_in_that_raises_naming_i
             dp.loads(frames[0])
         except ModuleNotFoundError:
             print("plain: fails")
-        from golem_dask.worker import unloadable_source
-        exec(compile(unloadable_source(), "preload", "exec"), {{"__name__": "golem_preload"}})
+        from golem_dask.worker import preload_source
+        exec(compile(preload_source(), "preload", "exec"), {{"__name__": "golem_preload"}})
         f, box = dp.loads(frames[0]), dp.loads(frames[1])
         for use in (lambda: f(1), lambda: box.open()):
             try:

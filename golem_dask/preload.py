@@ -1,5 +1,10 @@
-"""Loaded into every worker (``dask worker --preload``, this file's source as text): a task
-that names a module or object the worker's environment lacks fails as that task's error.
+"""Loaded into every worker (``dask worker --preload``, this file's source as text).
+
+A task that names a module or object the worker's environment lacks fails as that task's
+error; and on a rented worker (one holding a worker certificate of the cluster) a task that
+opens a client (``get_client``, ``worker_client``, joblib's Dask backend, dask's Event,
+Lock and Actor) fails at once with the reason, rather than timing out against the
+scheduler, which refuses a worker certificate every client operation.
 
 Without it, the worker dies while reading the message that carries the task (distributed
 unpickles it in the comm), the scheduler sends the task to the next worker, which dies too,
@@ -61,6 +66,22 @@ def install() -> None:
 
     loads.golem_unloadable = True  # type: ignore[attr-defined]
     dask_pickle.loads = loads
+
+
+#: Why a rented worker opens no client.
+REFUSAL = ("workers rented from strangers may not act as clients (get_client, worker_client, joblib's Dask "
+           "backend): the scheduler refuses their certificates; submit tasks from the client instead")
+
+
+def dask_setup(worker: Any) -> None:
+    """On a worker with a worker certificate, opening a client raises PermissionError."""
+    if not getattr(getattr(worker, "security", None), "tls_worker_cert", None):
+        return  # a worker of this machine, without TLS roles: clients are allowed
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(REFUSAL)
+
+    worker._get_client = refuse
 
 
 install()
