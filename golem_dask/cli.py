@@ -16,6 +16,7 @@ from pathlib import Path
 
 def demo(workers: int, budget: str, size: int) -> int:
     """Run the main job on the embedded default and print the result and the bill."""
+    import dask
     import dask.array as da
     from distributed import Client
 
@@ -23,7 +24,8 @@ def demo(workers: int, budget: str, size: int) -> int:
 
     print(f"golem-dask demo: renting {workers} workers on the embedded market (budget {budget} GLM)")
     started = time.perf_counter()
-    with GolemCluster(n_workers=workers, budget=budget) as cluster:
+    # The demo prints every event itself, so not the progress line too.
+    with dask.config.set({"golem.cluster.progress": False}), GolemCluster(n_workers=workers, budget=budget) as cluster:
         cluster.events.subscribe(lambda event: print(f"  {event}"))
         for event in cluster.events:
             print(f"  {event}")

@@ -97,9 +97,28 @@ class _ClosedCommsWithoutTraceback(logging.Filter):
         return True
 
 
+def _patch_release_mismatch() -> str:
+    """A pattern of distributed's version warning when the one difference is the patch
+    release of Python (docker workers run Debian's 3.X.y; pickles do not change within a
+    minor release, and the image check refuses other dask and distributed versions)."""
+    import re
+    import sys
+
+    same = re.escape(f"{sys.version_info.major}.{sys.version_info.minor}.") + r"\d+\S*"
+    rule = r"\+[-+]+\+\s+"
+    return (rf"Mismatched versions found\s+{rule}\| Package[^\n]*\n{rule}"
+            rf"\| python\s+\| {same}\s+\| {same}\s+\| {same}\s+\|\s+\+[-+]+\+\s*$")
+
+
 def quiet_closed_comms() -> None:
-    """Install :class:`_ClosedCommsWithoutTraceback` on ``distributed.batched`` (once)."""
+    """Install :class:`_ClosedCommsWithoutTraceback` on ``distributed.batched`` (once), and
+    drop distributed's version warning when only Python's patch release differs."""
     target = logging.getLogger("distributed.batched")
     if not any(isinstance(f, _ClosedCommsWithoutTraceback) for f in target.filters):
         target.addFilter(_ClosedCommsWithoutTraceback())
+    import warnings
+
+    from distributed.versions import VersionMismatchWarning
+
+    warnings.filterwarnings("ignore", _patch_release_mismatch(), VersionMismatchWarning)
 

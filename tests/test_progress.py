@@ -51,3 +51,28 @@ def test_a_cluster_nothing_matches_says_what_is_refused_and_what_to_relax(capsys
     printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("golem: ")]
     hints = [line for line in printed if "nothing matched for 1s" in line]
     assert len(hints) == 1 and hints[0].endswith(relax), printed
+
+
+def test_only_a_python_patch_release_difference_is_kept_out_of_the_users_warnings() -> None:
+    import sys
+    import warnings
+
+    from distributed.utils import asciitable
+    from distributed.versions import VersionMismatchWarning
+
+    from golem_dask.events import quiet_closed_comms
+
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    def table(*rows: list[str]) -> str:
+        return "Mismatched versions found\n\n" + asciitable(["Package", "Client", "Scheduler", "Workers"], list(rows))
+
+    patch = table(["python", f"{here}.7.final.0", f"{here}.7.final.0", f"{here}.2.final.0"])
+    minor = table(["python", f"{here}.7.final.0", f"{here}.7.final.0", "3.99.0.final.0"])
+    more = table(["python", f"{here}.7.final.0", f"{here}.7.final.0", f"{here}.2.final.0"], ["numpy", "2.0", "2.0", "1.0"])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        quiet_closed_comms()
+        for message in (patch, minor, more):
+            warnings.warn(VersionMismatchWarning(message))
+    assert [str(w.message) for w in shown] == [minor, more]
