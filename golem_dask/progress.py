@@ -52,6 +52,7 @@ class Progress:
         self.unsubscribe = events.subscribe(self.on_event)
 
     def close(self) -> None:
+        """Stop counting and printing; never raises (it runs as the cluster closes)."""
         self.unsubscribe()
         if self.terminal is not None:
             self.terminal.close()
@@ -124,27 +125,29 @@ class TerminalProgress:
             settled = event.kind == "worker"
             if line != self._shown and (settled or now - self._at >= self.min_interval_s):
                 self._at, self._shown = now, line
-                self.stream.write(f"\r\x1b[Kgolem: {line}")
                 self._open = not self.progress.settled()  # once all run, the line is done
-                self.stream.write("" if self._open else "\n")
-                self.stream.flush()
+                self._write(f"\r\x1b[Kgolem: {line}" + ("" if self._open else "\n"))
         elif event.kind in ("agreement", "worker") and line != self._shown:
             self._shown = line
             self._write_line(f"golem: {line}")
 
     def _write_line(self, text: str) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self._open = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._write(("\n" if self._open else "") + text + "\n")
+        self._open = False
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a stream that fails (a closed terminal) ends the printing."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.unsubscribe()
 
     def close(self) -> None:
         self.unsubscribe()
         if self._open:
-            self.stream.write("\n")
             self._open = False
-            self.stream.flush()
+            self._write("\n")
 
 
 def show_progress(cluster: Any, setting: Any) -> Progress:

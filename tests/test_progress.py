@@ -76,3 +76,14 @@ def test_only_a_python_patch_release_difference_is_kept_out_of_the_users_warning
         for message in (patch, minor, more):
             warnings.warn(VersionMismatchWarning(message))
     assert [str(w.message) for w in shown] == [minor, more]
+
+
+def test_a_terminal_that_went_away_ends_the_printing_without_an_error() -> None:
+    log, out = EventLog(), io.StringIO()
+    progress = Progress(log, wanted=lambda: 2)
+    progress.terminal = TerminalProgress(progress, log, stream=out, live=True, min_interval_s=0)
+    log.emit("agreement", "agreement with b", worker="golem-0")
+    out.close()  # the line is open; the terminal is gone
+    log.emit("agreement", "agreement with c", worker="golem-1")
+    progress.close()  # as the cluster closes: no ValueError
+    assert progress.agreements == 2

@@ -206,7 +206,9 @@ class YagnaDaemon:
         self.activities: dict[str, list[str]] = {}
         #: When this session began: payments and events before it are not ours.
         self.since = utc_now() - timedelta(seconds=1)
-        self._cycle_unsupported = False
+        #: The daemon answered that it cannot run its payment cycle on request.
+        self.cycle_unsupported = False
+        self._cycled_at = -1.0
 
     def __repr__(self) -> str:
         return f"YagnaDaemon({self.api.url!r}, identity={self.identity}, platform={self.platform!r})"
@@ -253,15 +255,18 @@ class YagnaDaemon:
         return props, [str(c) for c in found.get("constraints", [])]
 
     async def run_cycle(self) -> None:
-        """Pay what is accepted now instead of at the next batch cycle (24 h on mainnet)."""
-        if self._cycle_unsupported:
+        """Pay what is accepted now instead of at the next batch cycle (24 h on mainnet);
+        at most every 200 ms, however many agreements are settling."""
+        now = asyncio.get_running_loop().time()
+        if self.cycle_unsupported or now - self._cycled_at < 0.2:
             return
+        self._cycled_at = now
         try:
             logger.debug("running the payment cycle of %s", self.platform)
             await self.api.call("POST", f"/payment-api/v1/batchCycle/{self.platform}/now", ok=OK)
         except YagnaError as e:
             if e.status in (404, 405, 501):
-                self._cycle_unsupported = True
+                self.cycle_unsupported = True
                 logger.warning("this yagna daemon cannot run its payment cycle on request (%s); payments wait "
                                "for its next cycle", e)
             else:

@@ -55,6 +55,8 @@ class Documents:
         self._unsettled: dict[str, set[str]] = {}
         #: Agreements whose invoice has arrived.
         self._invoiced: set[str] = set()
+        #: Invoice acceptances under way (they outlive a cancelled caller).
+        self._accepting: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -62,6 +64,8 @@ class Documents:
         self._tasks = [loop.create_task(self._pump(*kind), name=f"golem-yagna-{kind[0]}") for kind in _KINDS]
 
     async def close(self) -> None:
+        if self._accepting:  # invoices being accepted: an unaccepted one is never paid
+            await asyncio.wait(self._accepting, timeout=2 * config.seconds("payment.payment-timeout"))
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
@@ -111,24 +115,40 @@ class Documents:
         return convert.invoice(body)
 
     async def accept(self, document: PaymentDocument, amount: Decimal) -> None:
+        """Accept ``document`` for ``amount``.  An invoice's acceptance (after its agreement's
+        debit notes are paid) runs on even if the caller is cancelled, as a worker's close
+        is at its timeout, and :meth:`close` waits for it: an invoice left unaccepted is
+        never paid."""
         agreement = document.agreement_id
         if isinstance(document, DebitNote):
             if agreement in self._invoiced:
                 logger.debug("debit note %s: its agreement's invoice covers it", document.id)
                 return
-            path = "debitNotes"
+            await self._accept("debitNotes", document.id, amount)
             self._unsettled.setdefault(agreement, set()).add(document.id)
-        else:
-            path = "invoices"
-            await self._settle(self._unsettled.pop(agreement, set()))
+            return
+        task = asyncio.ensure_future(self._accept_invoice(document, amount))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+        await asyncio.shield(task)
+
+    async def _accept_invoice(self, invoice: PaymentDocument, amount: Decimal) -> None:
+        await self._settle(self._unsettled.pop(invoice.agreement_id, set()))
+        await self._accept("invoices", invoice.id, amount)
+
+    async def _accept(self, path: str, document_id: str, amount: Decimal) -> None:
         allocation = await self.daemon.allocation()
-        await self.api.call("POST", f"/payment-api/v1/{path}/{document.id}/accept",
+        await self.api.call("POST", f"/payment-api/v1/{path}/{document_id}/accept",
                             body={"totalAmountAccepted": amount_text(amount), "allocationId": allocation})
-        logger.debug("accepted %s %s: %s", path, document.id, amount)
+        logger.debug("accepted %s %s: %s", path, document_id, amount)
 
     async def _settle(self, notes: set[str]) -> None:
         """Wait, running the payment cycle, until the daemon has paid the accepted debit
         notes ``notes`` (bounded by ``golem.payment.payment-timeout``)."""
+        if notes and self.daemon.cycle_unsupported:
+            logger.warning("this yagna daemon cannot run its payment cycle on request: debit notes %s, accepted "
+                           "and not yet paid, may be paid again with the invoice", ", ".join(sorted(notes)))
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.seconds("payment.payment-timeout")
         while notes and loop.time() < deadline:
