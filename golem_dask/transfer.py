@@ -249,22 +249,35 @@ def _copy_stream(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int) -> tu
 _PARTS_IN_FLIGHT = 3
 
 
-def _bounded(method: Any, chunk: int, parts: int) -> dict[str, int]:
+#: S3's smallest part but the last, and its most parts in one upload.
+_MIN_PART, _MAX_PARTS = 5 * 2**20, 10_000
+
+
+def _bounded(method: Any, chunk: int, parts: int, size: int | None = None) -> dict[str, int]:
     """Keyword arguments that keep a filesystem's own bulk transfer to ``parts`` parts of
-    ``chunk`` bytes in flight, where it moves files in concurrent parts (s3fs: its
-    defaults, 10 parts of 50 MiB, held ~230 MiB for a 200 MB download)."""
+    about ``chunk`` bytes in flight, where it moves files in concurrent parts (s3fs: its
+    defaults, 10 parts of 50 MiB, held ~230 MiB for a 200 MB download); only those its
+    ``method`` names.  Parts are never under S3's 5 MiB, nor so small that a ``size``-byte
+    file needs more than 10,000 of them."""
     try:
         parameters = inspect.signature(method).parameters
     except (TypeError, ValueError):
         return {}
-    return {"chunksize": chunk, "max_concurrency": parts} if "max_concurrency" in parameters else {}
+    if "max_concurrency" not in parameters:
+        return {}
+    found = {"max_concurrency": parts}
+    if "chunksize" in parameters:
+        found["chunksize"] = max(chunk, _MIN_PART, -(-(size or 0) // _MAX_PARTS))
+    return found
 
 
-def _hash_growing(path: str, chunk: int, done: threading.Event) -> str:
+def _hash_growing(path: str, chunk: int, done: threading.Event) -> tuple[int, str]:
     """Hash ``path`` while another thread writes it from the start: read what has landed,
-    wait a little when caught up, and read the rest once ``done`` is set."""
+    wait a little when caught up, and read the rest once ``done`` is set.  Returns the
+    bytes hashed and their checksum."""
     digest = _checksum()
     buf = memoryview(bytearray(chunk))
+    hashed = 0
     while not os.path.exists(path):
         if done.is_set():
             break
@@ -275,8 +288,9 @@ def _hash_growing(path: str, chunk: int, done: threading.Event) -> str:
             n = f.readinto(buf)
             if n:
                 digest.update(buf[:n])
+                hashed += n
             elif finished:
-                return digest.hexdigest()
+                return hashed, digest.hexdigest()
             else:
                 done.wait(0.001)
 
@@ -289,23 +303,35 @@ def _get_remote(src_fs: Any, src: str, dst: str, chunk: int) -> tuple[int, str]:
         os.truncate(dst, 0)  # the hashing thread must not read older bytes (dst may be /proc/self/fd/N)
     done = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="golem-transfer-hash") as pool:
-        digest = pool.submit(_hash_growing, dst, chunk, done)
+        following = pool.submit(_hash_growing, dst, chunk, done)
         try:
             # One streamed request: against moto 4-5x faster than s3fs's concurrent ranges,
             # in constant memory.
             src_fs.get_file(src, dst, **_bounded(getattr(src_fs, "_get_file", None), chunk, 1))
         finally:
             done.set()
-        return os.path.getsize(dst), digest.result()
+        hashed, digest = following.result()
+    landed = os.path.getsize(dst)
+    if hashed != landed:  # the file was replaced (written elsewhere, then renamed): hash what is there
+        digest = _hash_file(dst, chunk)
+    return landed, digest
 
 
 def _put_remote(src: str, dst_fs: Any, dst: str, chunk: int) -> tuple[int, str]:
     """A local file to a filesystem that uploads in concurrent parts (s3fs), through its
-    own upload, the source hashed meanwhile; the caller checks the size that landed."""
+    own upload, the source hashed meanwhile; the caller checks the size that landed.
+
+    Raises TransferError if the source changed while it was sent (a worker still writing
+    an output): the checksum would not be of the bytes sent."""
+    before = os.stat(src)
     with ThreadPoolExecutor(1, thread_name_prefix="golem-transfer-hash") as pool:
         digest = pool.submit(_hash_file, src, chunk)
-        dst_fs.put_file(src, dst, **_bounded(dst_fs._put_file, chunk, _PARTS_IN_FLIGHT))
-        return os.path.getsize(src), digest.result()
+        dst_fs.put_file(src, dst, **_bounded(dst_fs._put_file, chunk, _PARTS_IN_FLIGHT, before.st_size))
+        hashed = digest.result()
+    after = os.stat(src)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise TransferError(f"{src} changed while it was copied; copy it again once it is complete")
+    return before.st_size, hashed
 
 
 def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_BYTES, *,

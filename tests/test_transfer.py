@@ -143,3 +143,44 @@ def test_transfer_into_and_out_of_the_sandbox(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "r.txt").read_text() == "done"
     with pytest.raises(ActivityError, match="exactly one side"):
         asyncio.run(transfer_into_sandbox(root, "/golem/a", "/golem/b"))
+
+
+# -- remote ends through the filesystem's own bulk transfer (moto's S3 server) ------------------
+
+from net_support import s3_server  # noqa: E402, F401
+
+
+def _bucket(options: dict, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **options["client_kwargs"]).create_bucket(Bucket=name)
+
+
+def test_s3_uploads_in_several_parts_and_downloads_over_an_older_file_carry_the_right_bytes(
+        s3_server: dict, tmp_path: Path) -> None:  # noqa: F811
+    _bucket(s3_server, "parts")
+    data = os.urandom(11 * 2**20 + 123)  # three 5 MiB parts: the smallest S3 takes, whatever chunk_bytes says
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    want = xxhash.xxh3_128(data).hexdigest()
+    up = copy(str(src), "s3://parts/up.bin", destination_options=s3_server, chunk_bytes=2**20)
+    assert up.nbytes == len(data) and list(up.checksums.values()) == [want]
+    s3 = fsspec.filesystem("s3", **s3_server)
+    assert s3.cat_file("parts/up.bin") == data
+    landed = tmp_path / "landed.bin"
+    landed.write_bytes(b"an older, longer file of that name" * 100_000)
+    down = copy("s3://parts/up.bin", str(landed), source_options=s3_server)
+    assert down.nbytes == len(data) and list(down.checksums.values()) == [want]
+    assert landed.read_bytes() == data
+
+
+def test_bulk_transfer_arguments_are_only_those_the_filesystem_takes() -> None:
+    def s3_like(rpath, lpath, chunksize=None, max_concurrency=None): ...  # noqa: ANN001, ANN202
+    def concurrency_only(rpath, lpath, max_concurrency=None): ...  # noqa: ANN001, ANN202
+    def plain(rpath, lpath, **kwargs): ...  # noqa: ANN001, ANN202, ANN003
+
+    assert transfer._bounded(s3_like, 2**20, 3) == {"max_concurrency": 3, "chunksize": 5 * 2**20}
+    assert transfer._bounded(s3_like, 8 * 2**20, 3, size=200 * 2**30)["chunksize"] == -(-200 * 2**30 // 10_000)
+    assert transfer._bounded(concurrency_only, 2**20, 1) == {"max_concurrency": 1}
+    assert transfer._bounded(plain, 2**20, 1) == {}
