@@ -86,3 +86,20 @@ def test_a_batch_address_holding_another_contract_is_refused_before_any_approval
         asyncio.run(p.pay(Wallet.generate().address, Decimal("0.01"), reference="r"))
     token = token_contract(anvil.web3(), anvil.contracts["token"])
     assert token.functions.allowance(wallet.address, impostor).call() == 0
+
+
+def test_a_contract_whose_code_merely_appears_in_ours_is_refused_too(anvil, tmp_path):
+    """A one-byte STOP contract's code is a substring of every build: equality is the rule."""
+    from golem_dask.errors import PaymentError
+
+    w3 = anvil.web3()
+    # Init code returning one byte of (zeroed) memory as the deployed code: PUSH1 1, PUSH1 0, RETURN.
+    created = w3.eth.send_transaction({"from": anvil.accounts[0], "data": "0x60016000f3"})
+    stub = w3.eth.wait_for_transaction_receipt(created)["contractAddress"]
+    assert bytes(w3.eth.get_code(stub)) == b"\x00"
+    wallet = Wallet.generate()
+    fund(w3, anvil.contracts["token"], anvil.accounts[0], wallet.address, Decimal(10), 10**19)
+    p = EthereumPayer(w3, wallet=wallet, token_address=anvil.contracts["token"], batch_address=stub,
+                      ledger=Ledger(tmp_path / "ledger.sqlite"), batch_window_s=0.05, poll_interval=0.05)
+    with pytest.raises(PaymentError, match="is not golem-dask's batch contract"):
+        asyncio.run(p.pay(Wallet.generate().address, Decimal("0.01"), reference="r"))

@@ -75,7 +75,7 @@ def test_build_check_names_a_stale_artefact(
 def test_load_artifact() -> None:
     assert TOKEN in available_artifacts()
     artifact = load_artifact(TOKEN)
-    assert sorted(artifact) == ["abi", "bytecode", "contract_name", "source_sha256", "vyper_version"]
+    assert sorted(artifact) == ["abi", "bytecode", "contract_name", "runtime_bytecode", "source_sha256", "vyper_version"]
     assert artifact["bytecode"].startswith("0x")
     artifact["abi"].clear()  # callers get their own copy
     assert load_artifact(TOKEN)["abi"]

@@ -125,9 +125,8 @@ def connect(source: Any, token_address: str | None, batch_address: str | None,
                 raise PaymentError(f"no contract at batch address {batch_at} on chain {chain_id}; "
                                    "check golem.payment.batch-address (or leave it empty to pay one by one)")
             artifact = load_artifact(BATCH_CONTRACT)
-            # The payer approves this contract to move its tokens: it must be ours, unchanged
-            # (its runtime code is part of the shipped artefact's deployment code).
-            if code not in bytes.fromhex(str(artifact["bytecode"]).removeprefix("0x")):
+            # The payer approves this contract to move its tokens: it must be ours, unchanged.
+            if code != bytes.fromhex(str(artifact["runtime_bytecode"]).removeprefix("0x")):
                 raise PaymentError(f"the contract at batch address {batch_at} on chain {chain_id} is not golem-dask's "
                                    f"batch contract ({BATCH_CONTRACT}), and the payer would let it move its tokens; "
                                    "deploy the shipped one ('golem-dask devnet' does) or leave "

@@ -57,7 +57,7 @@ def compile_contract(source_path: Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"abi", "bytecode", "contract_name", "source_sha256", "vyper_version"}``.
+        ``{"abi", "bytecode", "contract_name", "runtime_bytecode", "source_sha256", "vyper_version"}``.
 
     Raises
     ------
@@ -78,7 +78,7 @@ def compile_contract(source_path: Path) -> dict[str, Any]:
         out = vyper.compiler.compile_code(
             source_bytes.decode("utf-8"),
             contract_path=source_path.name,
-            output_formats=["abi", "bytecode"],
+            output_formats=["abi", "bytecode", "bytecode_runtime"],
         )
     except Exception as e:  # vyper raises many unrelated exception types
         raise BuildError(f"{source_path.name} failed to compile: {e}") from e
@@ -88,6 +88,8 @@ def compile_contract(source_path: Path) -> dict[str, Any]:
         "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
         "abi": out["abi"],
         "bytecode": out["bytecode"],
+        # What the chain holds once deployed: a payer compares the batch contract's code with it.
+        "runtime_bytecode": out["bytecode_runtime"],
     }
 
 
