@@ -326,9 +326,10 @@ def status(as_json: bool) -> int:
     for record in running_clusters():
         try:
             with urllib.request.urlopen(f"{record['dashboard']}/golem.json", timeout=5) as answer:
-                record = {**record, **json.loads(answer.read())}
-        except OSError as e:
-            record = {**record, "error": f"its dashboard did not answer: {e}"}
+                found = json.loads(answer.read())
+            record = {**record, "money": str(found["money"]), "workers": list(found["workers"])}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            record = {**record, "error": f"its dashboard did not answer as a Golem page: {e}"}
         shown.append(record)
     if as_json:
         print(json.dumps(shown))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import logging
 import os
 import time
 import weakref
@@ -31,6 +32,8 @@ from tornado.ioloop import PeriodicCallback
 from golem_dask import config
 from golem_dask.display import HEADER, cells, money_line, worker_lines
 from golem_dask.payment.bill import plain
+
+logger = logging.getLogger(__name__)
 
 #: Samples kept; when full, every other one is dropped (the chart keeps its whole span).
 HISTORY_LIMIT = 1800
@@ -96,7 +99,7 @@ class SpendHistory:
                          f"stroke-width='3' points='{xy}'/>")
             y = top + 14 + 18 * i
             parts.append(f"<rect x='{left + plot_w + 12}' y='{y - 10}' width='12' height='12' fill='{colour}'/>"
-                         f"<text x='{left + plot_w + 30}' y='{y}' font-size='12'>{name[:22]}</text>")
+                         f"<text x='{left + plot_w + 30}' y='{y}' font-size='12'>{html.escape(provider[:22])}</text>")
         parts.append("</svg>")
         return "".join(parts)
 
@@ -194,10 +197,15 @@ class _Registered(SchedulerPlugin):
     name = "golem-registry"
 
     def __init__(self, scheduler: Any, cluster_name: str, dashboard: str) -> None:
-        self.path = registry() / f"{os.getpid()}-{cluster_name}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"pid": os.getpid(), "name": cluster_name, "dashboard": dashboard,
-                                         "scheduler": scheduler.address, "started": time.time()}))
+        # Named by process and scheduler: cluster names are the user's (any text, maybe repeated).
+        self.path = registry() / f"{os.getpid()}-{id(scheduler):x}.json"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"pid": os.getpid(), "name": cluster_name, "dashboard": dashboard,
+                                             "scheduler": scheduler.address, "started": time.time()}))
+        except OSError as e:  # a listing for 'golem-dask status' is no reason to fail a cluster
+            logger.info("could not list this cluster in %s: %s", self.path.parent, e)
+            return
         scheduler.add_plugin(self)
 
     async def close(self) -> None:

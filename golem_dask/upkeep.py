@@ -344,15 +344,16 @@ def affordable(cluster: Any, n: int) -> int:
 
 def within_capacity(cluster: Any, n: int, *, strict: bool) -> int:
     """``n``, or as many workers as this machine's embedded providers hold.  At the start
-    (``strict``) asking for more fails at once; a later ``scale`` is capped and says so once."""
+    (``strict``) asking for more fails at once; a later ``scale`` is capped, said once per
+    cluster (``adapt`` asks again and again)."""
     room_for = getattr(cluster.market, "room_for", None)
     room = room_for(cluster.spec.resources) if room_for is not None else None
     if room is None or n <= room:
-        cluster._over_capacity = False
         return n
     resources = cluster.spec.resources
-    message = (f"this machine's embedded provider has room for {room} workers of {resources.cpu_threads} cpu and "
-               f"{dask.utils.format_bytes(resources.memory_bytes)}; asked for {n}")
+    message = (f"this machine's embedded provider has room for {room} workers of {resources.cpu_threads} cpu, "
+               f"{dask.utils.format_bytes(resources.memory_bytes)} memory and "
+               f"{dask.utils.format_bytes(resources.storage_bytes)} storage; asked for {n}")
     if strict:
         raise ConfigError(f"{message}: ask for fewer workers, or less cpu or memory each, or sell more of this "
                           "machine (golem.provider.local), or rent other machines (market='tcp://HUB:PORT' or "

@@ -138,3 +138,25 @@ def test_status_lists_the_running_clusters_with_their_workers_and_money(tmp_path
         assert f"{cluster.name} (process {os.getpid()})" in text and "worker=golem-0" in text
     after = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     assert after.startswith("no GolemCluster is running on this machine")
+
+
+def test_the_served_page_escapes_what_strangers_name_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    from golem_dask import dashboard
+    from golem_dask.display import WorkerLine
+
+    hostile = "<script>alert(1)</script>"
+    line = WorkerLine("golem-0", f"{hostile} (0xabc…)", "0.1/cpu-h + 0.02/h", "running", Decimal(1), Decimal(2),
+                      Decimal("0.5"))
+    monkeypatch.setattr(dashboard, "worker_lines", lambda cluster: [line])
+    monkeypatch.setattr(dashboard, "money_line", lambda cluster, lines: f"spent 0 GLM {hostile}")
+
+    class Cluster:
+        pass
+
+    cluster = Cluster()
+    view = dashboard.GolemView(cluster)
+    view.history.add(0.0, {line.provider: Decimal(0)})
+    view.history.add(1.0, {line.provider: Decimal("0.5")})
+    page = view.page()
+    assert "<script>" not in page and page.count("&lt;script&gt;") >= 3  # table, money line, chart
+    assert json.loads(json.dumps(view.data()))["workers"][0]["provider"] == f"{hostile} (0xabc…)"  # data stays data

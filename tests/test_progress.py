@@ -40,8 +40,8 @@ def test_on_a_terminal_one_line_is_rewritten_and_ended_once_every_worker_runs() 
 def test_a_cluster_nothing_matches_says_what_is_refused_and_what_to_relax(capsys: pytest.CaptureFixture[str]) -> None:
     dear = [{"name": f"dear-{i}", "cpu": 1, "memory": "4GiB", "storage": "10GiB", "runtime": "process",
              "price-per-cpu-hour": "0.9", "price-per-hour": "0.02", "start-price": "0"} for i in range(2)]
-    settings = {"golem.provider.local": dear, "golem.market.negotiation-timeout": "3s",
-                "golem.market.hint-after": "1s", "golem.cluster.progress": True}
+    settings = {"golem.provider.local": dear, "golem.market.negotiation-timeout": "4s",
+                "golem.market.hint-after": "2s", "golem.cluster.progress": True}
     started = time.monotonic()
     with dask.config.set(settings), pytest.raises(NoOffersError) as info:
         GolemCluster(n_workers=1, budget="1", max_price_per_cpu_hour="0.1")
@@ -49,7 +49,7 @@ def test_a_cluster_nothing_matches_says_what_is_refused_and_what_to_relax(capsys
     relax = "2 offers were rejected: 2 over max_price_per_cpu_hour=0.1; to match more: raise max_price_per_cpu_hour (0.1)"
     assert str(info.value).endswith(relax)
     printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("golem: ")]
-    hints = [line for line in printed if "nothing matched for 1s" in line]
+    hints = [line for line in printed if "nothing matched for 2s" in line]
     assert len(hints) == 1 and hints[0].endswith(relax), printed
 
 

@@ -105,7 +105,8 @@ class LocalMarket(RelayMarket):
             if capacity is None:
                 return None
             room += min(capacity.cpu_threads // max(1, resources.cpu_threads),
-                        capacity.memory_bytes // max(1, resources.memory_bytes))
+                        capacity.memory_bytes // max(1, resources.memory_bytes),
+                        capacity.storage_bytes // max(1, resources.storage_bytes))
         return room
 
     async def add_provider(self, agent: Seller) -> None:

@@ -327,8 +327,6 @@ class Negotiator:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.negotiation_timeout_s
-        if self._waiting_since is None or self.candidates:
-            self._waiting_since, self._hinted = loop.time(), False
         declined_here: set[str] = set()
         while True:
             window = self.market.collection_window_s
@@ -337,6 +335,8 @@ class Negotiator:
             options = [c for c in rank(self.candidates.values()) if c.proposal.offer_id not in declined_here
                        and c.proposal.provider_id not in self.excluded]
             if not options:
+                if self._waiting_since is None:  # since the last agreement, or the first wait
+                    self._waiting_since, self._hinted = loop.time(), False
                 hint_at = self._waiting_since + self.hint_after_s if self.hint_after_s else deadline
                 try:
                     await self._wait_for_offers(min(deadline, hint_at) if not self._hinted else deadline)
@@ -356,7 +356,9 @@ class Negotiator:
                 raise BudgetExceededError(self.budget.shortfall(cheapest))
             candidate = affordable[0]
             try:
-                return await self._sign(candidate, worker)
+                deal = await self._sign(candidate, worker)
+                self._waiting_since = None
+                return deal
             except ProposalRejected as e:
                 declined_here.add(candidate.proposal.offer_id)
                 self.declined[candidate.proposal.offer_id] = str(e)
