@@ -355,7 +355,7 @@ def within_capacity(cluster: Any, n: int, *, strict: bool) -> int:
                f"{dask.utils.format_bytes(resources.memory_bytes)} memory and "
                f"{dask.utils.format_bytes(resources.storage_bytes)} storage; asked for {n}")
     if strict:
-        raise ConfigError(f"{message}: ask for fewer workers, or less cpu or memory each, or sell more of this "
+        raise ConfigError(f"{message}: ask for fewer workers, or less cpu, memory or storage each, or sell more of this "
                           "machine (golem.provider.local), or rent other machines (market='tcp://HUB:PORT' or "
                           "market='yagna')")
     if not getattr(cluster, "_over_capacity", False):
