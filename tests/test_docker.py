@@ -340,7 +340,7 @@ def test_image_that_cannot_run_the_entry_script_fails_clearly(docker_client, tmp
 
         (agent,) = embedded_agents("erc20-devnet-glm", [PROVIDER], runtime="docker")
         payer = EthereumPayer.embedded(Decimal(1))
-        with pytest.raises(ActivityError) as info:
+        with pytest.raises(ActivityError) as info, dask.config.set({"golem.provider.allowed-images": [no_dask]}):
             GolemCluster(n_workers=1, runtime="docker", image=no_dask, market=LocalMarket([agent]), payer=payer)
         message = str(info.value)
         assert "died before joining the scheduler" in message and "exited with code 1" in message
@@ -441,25 +441,30 @@ def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path)
     assert "non-root user with every capability dropped" in text and "docker network 'bridge'" in text
 
 
-def test_deploy_refuses_an_image_the_provider_does_not_sell(docker_client):
-    """A demand may name any image on the provider's machine: only worker images (labelled
-    by 'golem-dask image build') and those the provider allows run."""
+def test_deploy_refuses_an_image_the_provider_does_not_sell(docker_client, tmp_path):
+    """A demand may name any image on the provider's machine: only the provider's worker
+    image and those it allows run; an image built from the worker image (it inherits its
+    labels) is another image."""
     import asyncio
-
-    import dask
 
     from golem_dask.image import BASE_TAG, build_base
 
     build_base(log=lambda _: None)  # on the machine, unlabelled
+    derived = _build(tmp_path, "golem-dask-test:derived", f"FROM {default_tag()}\nENV SECRET=on-this-machine-only\n")
     runtime = DockerRuntime(default_tag(), provider_name="dock", client=docker_client)
 
     async def main() -> None:
-        with pytest.raises(ActivityError, match=f"image {BASE_TAG} is not a worker image this provider sells"):
-            await _activity(runtime, BASE_TAG).deploy()
+        for image in (BASE_TAG, derived):
+            with pytest.raises(ActivityError, match=f"image {image} is not an image this provider sells"):
+                await _activity(runtime, image).deploy()
+        assert default_tag() in await _activity(runtime, default_tag()).deploy()
         with dask.config.set({"golem.provider.allowed-images": [BASE_TAG]}):
             assert BASE_TAG in await _activity(runtime, BASE_TAG).deploy()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        docker_client.images.remove(derived, force=True)
     assert our_containers(docker_client) == []
 
 

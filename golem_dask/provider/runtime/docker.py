@@ -137,24 +137,21 @@ class DockerActivity(RuntimeActivity):
 
     async def deploy(self) -> str:
         image = await self.runtime.check_image(self.image)
-        self._check_sold(image)
+        if self.image not in (config.get("provider.allowed-images") or ()):
+            self._check_sold(image, await self.runtime.check_image())
         if self.versions is not None:
             self._check_versions(image)
         return f"image {self.image} ({image.short_id})"
 
-    def _check_sold(self, image: Any) -> None:
+    def _check_sold(self, image: Any, own: Any) -> None:
         """Refuse an image this provider does not sell: a stranger's demand may name any
-        image on the machine, but only worker images (built by 'golem-dask image build',
-        which labels them) and those listed in ``golem.provider.allowed-images`` run."""
-        from golem_dask.image import VERSIONS_LABEL
-
-        if self.image == self.runtime.image or VERSIONS_LABEL in (image.labels or {}):
-            return
-        if self.image in (config.get("provider.allowed-images") or ()):
-            return
-        raise ActivityError(
-            f"image {self.image} is not a worker image this provider sells (it has no {VERSIONS_LABEL} label "
-            "from 'golem-dask image build' and is not in golem.provider.allowed-images)")
+        image on the machine, but only the runtime's own worker image ``own`` (the same
+        image, by id: one built from it carries its labels too) and those listed in
+        ``golem.provider.allowed-images`` run."""
+        if image.id != own.id:
+            raise ActivityError(
+                f"image {self.image} is not an image this provider sells (its worker image is "
+                f"{self.runtime.image}; others run only if listed in golem.provider.allowed-images)")
 
     def _check_versions(self, image: Any) -> None:
         """Refuse an image whose ``golem-dask.versions`` label is not what the requestor runs."""
