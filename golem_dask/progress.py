@@ -1,5 +1,5 @@
 """Progress while a cluster comes up: offers seen and refused (with the commonest reasons),
-agreements signed, workers deploying, transferring, starting and running.
+agreements signed, workers deploying (image and inputs), starting and running.
 
 :class:`Progress` counts what the cluster's events say; :meth:`Progress.line` is one line
 of it, which the notebook widget shows and :class:`TerminalProgress` prints: rewritten in
@@ -21,8 +21,10 @@ from golem_dask.events import EventLog, ProgressEvent
 from golem_dask.market.negotiation import category
 
 #: A worker's stages, in order; a worker absent from the table is being negotiated for.
-STAGES = ("deploying", "transferring", "starting", "running")
-_BY_COMMAND = {"deploy": "deploying", "transfer": "transferring", "start": "starting", "run": "starting"}
+#: "deploying" lasts from the agreement until the provider has run the whole exe-script
+#: (image, container, input transfers, ``dask worker`` launched: one exchange, whose
+#: results arrive together); "starting" until the worker registers.
+STAGES = ("deploying", "starting", "running")
 
 
 class Progress:
@@ -75,8 +77,8 @@ class Progress:
                 self.agreements += 1
                 if worker:
                     self.stage[worker] = "deploying"
-            elif event.kind == "activity" and worker in self.stage and event.data.get("command") in _BY_COMMAND:
-                self.stage[worker] = _BY_COMMAND[event.data["command"]]
+            elif event.kind == "activity" and self.stage.get(worker) == "deploying" and event.data.get("command"):
+                self.stage[worker] = "starting"
             elif event.kind == "worker" and worker:
                 if event.data.get("state") == "running":
                     self.stage[worker] = "running"

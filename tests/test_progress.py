@@ -33,7 +33,7 @@ def test_on_a_terminal_one_line_is_rewritten_and_ended_once_every_worker_runs() 
         f"{LIVE}2 offers (1 refused: 1 short of memory); 0 agreements; workers 0/1 running"
         f"{LIVE}2 offers (1 refused: 1 short of memory); 1 agreement; workers 0/1 running, 1 deploying"
         "\ngolem: nothing matched for 10s: ...\n"
-        f"{LIVE}2 offers (1 refused: 1 short of memory); 1 agreement; workers 0/1 running, 1 transferring"
+        f"{LIVE}2 offers (1 refused: 1 short of memory); 1 agreement; workers 0/1 running, 1 starting"
         f"{LIVE}2 offers (1 refused: 1 short of memory); 1 agreement; workers 1/1 running\n")
 
 
