@@ -77,7 +77,8 @@ class Progress:
                 self.agreements += 1
                 if worker:
                     self.stage[worker] = "deploying"
-            elif event.kind == "activity" and self.stage.get(worker) == "deploying" and event.data.get("command"):
+            elif event.kind == "activity" and worker and self.stage.get(worker) == "deploying" \
+                    and event.data.get("command"):
                 self.stage[worker] = "starting"
             elif event.kind == "worker" and worker:
                 if event.data.get("state") == "running":
