@@ -39,7 +39,7 @@ from golem_dask.provider.runtime.base import Runtime
 from golem_dask.progress import show_progress
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import (affordable, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
+from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
                                upkeep_tasks, within_capacity)
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
@@ -420,7 +420,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         return super().close(timeout=timeout)
 
     async def _close(self) -> None:
-        self.progress.close()  # what follows is the bill, not progress
+        begin_closing(self)
         try:
             await super()._close()
         finally:

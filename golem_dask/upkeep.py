@@ -342,6 +342,16 @@ def affordable(cluster: Any, n: int) -> int:
     return min(n, current + max(0, int(more)))
 
 
+def begin_closing(cluster: Any) -> None:
+    """As a cluster starts closing: the progress display ends (what follows is the bill),
+    and the payer gathers the final invoices, which arrive over a moment as the workers
+    leave, into one transaction (``golem.payment.close-batch-window``)."""
+    cluster.progress.close()
+    linger = getattr(cluster.payer, "linger", None)
+    if linger is not None:
+        linger(config.seconds("payment.close-batch-window"))
+
+
 def within_capacity(cluster: Any, n: int, *, strict: bool) -> int:
     """``n``, or as many workers as this machine's embedded providers hold.  At the start
     (``strict``) asking for more fails at once; a later ``scale`` is capped, said once per

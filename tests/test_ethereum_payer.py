@@ -101,7 +101,7 @@ def test_embedded_payer_knows_its_address_before_start() -> None:
     assert isinstance(payer, Payer)
     assert payer.platform == "erc20-devnet-glm"
     assert payer.address.startswith("0x") and len(payer.address) == 42
-    assert not payer._started  # nothing touched the chain yet
+    assert not payer._session.started  # nothing touched the chain yet
     assert repr(payer) == (
         f"EthereumPayer(platform='erc20-devnet-glm', address='{payer.address}')"
     )
@@ -199,7 +199,7 @@ def test_invalid_payments_are_refused_before_the_chain() -> None:
         asyncio.run(payer.pay(good, 0.1, reference="r"))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="float"):
         EthereumPayer.embedded(1.5)  # type: ignore[arg-type]
-    assert not payer._started
+    assert not payer._session.started
 
 
 def test_payer_on_a_devnet_with_explicit_wallet(devnet: Devnet) -> None:

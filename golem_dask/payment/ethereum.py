@@ -167,10 +167,6 @@ class EthereumPayer(Payer):
         """Have the devnet mint ``tokens`` and send ``eth_wei`` to this wallet when the chain starts."""
         self._session.funding = (tokens, eth_wei)
 
-    @property
-    def _started(self) -> bool:
-        return self._session.started
-
     # --- the chain ------------------------------------------------------------------
 
     @property
@@ -222,7 +218,7 @@ class EthereumPayer(Payer):
     async def _ensure_started(self) -> None:
         if self._closed:
             raise PaymentError(f"{self!r} is closed; create a new payer to pay again")
-        if not self._started:
+        if not self._session.started:
             await asyncio.to_thread(self._session.get)
 
     def _pay_lock(self) -> asyncio.Lock:
@@ -291,6 +287,11 @@ class EthereumPayer(Payer):
         record = await asyncio.to_thread(self.ledger.payment, debt.payment_id)
         assert record.confirmed_hash is not None and record.block_number is not None
         return Transfer(payee=payee, amount_wei=wei, tx_hash=record.confirmed_hash, block_number=record.block_number)
+
+    def linger(self, seconds: float) -> None:
+        """Gather payments for at least ``seconds`` before each batch from now on (a
+        closing cluster's final invoices arrive over a moment)."""
+        self._batch_window_s = max(self._batch_window_s or 0.0, seconds)
 
     async def settle(self) -> list[PaymentRecord]:
         """Reconcile unfinished payments with the chain, then pay every owed debt.
