@@ -103,3 +103,21 @@ def test_a_contract_whose_code_merely_appears_in_ours_is_refused_too(anvil, tmp_
                       ledger=Ledger(tmp_path / "ledger.sqlite"), batch_window_s=0.05, poll_interval=0.05)
     with pytest.raises(PaymentError, match="is not golem-dask's batch contract"):
         asyncio.run(p.pay(Wallet.generate().address, Decimal("0.01"), reference="r"))
+
+
+def test_a_closing_payer_gathers_payments_arriving_apart_into_one_transaction(anvil, tmp_path):
+    """A closing cluster's final invoices arrive a few hundred ms apart: ``linger`` (what
+    the cluster calls as it closes) puts them in one batch; the usual window does not."""
+    def two_apart(p: EthereumPayer) -> set[str]:
+        async def run() -> set[str]:
+            first = asyncio.ensure_future(p.pay(Wallet.generate().address, Decimal("0.01"), reference="a"))
+            await asyncio.sleep(0.3)
+            second = await p.pay(Wallet.generate().address, Decimal("0.01"), reference="b")
+            return {(await first).tx_hash, second.tx_hash}
+
+        return asyncio.run(run())
+
+    assert len(two_apart(payer(anvil, tmp_path, batch=True))) == 2  # the 50 ms window of these tests
+    lingering = payer(anvil, tmp_path, batch=True)
+    lingering.linger(1.0)
+    assert len(two_apart(lingering)) == 1

@@ -442,12 +442,3 @@ def test_a_retired_workers_late_heartbeat_is_answered_without_a_warning(caplog) 
     warned = [r.getMessage() for r in caplog.records if "unregistered worker" in r.getMessage()]
     assert warned == ["Received heartbeat from unregistered worker 'tls://127.0.0.1:9'."]  # never ours: dask's warning
 
-
-def test_the_final_invoices_of_a_closing_cluster_go_out_in_one_transaction() -> None:
-    four = [{**FOUR_THREADS[0], "runtime": "process"}]
-    with dask.config.set({"golem.provider.local": four, "golem.payment.pay-interval": None}), \
-            GolemCluster(n_workers=4, cpu=1, memory="1GiB", budget="1") as cluster, Client(cluster) as client:
-        assert sum(client.gather(client.map(lambda x: x * x, range(40)))) == sum(x * x for x in range(40))
-    entries = cluster.bill().entries
-    assert [e.status for e in entries] == ["paid"] * 4
-    assert len({e.tx_hash for e in entries}) == 1  # golem.payment.close-batch-window gathers them
