@@ -238,6 +238,54 @@ def test_a_requestor_cannot_announce_one_transfer_for_two_invoices(anvil, tmp_pa
     assert balance(anvil, provider) == Decimal("0.01")
 
 
+def test_only_its_requestor_accepts_or_rejects_an_invoice_and_a_partial_acceptance_is_what_is_due(
+        anvil, tmp_path):  # noqa: F811
+    from golem_dask.chain.deploy import fund
+    from golem_dask.payment.ethereum import EthereumPayer
+
+    with fleet(anvil, tmp_path, {}) as f:
+        provider = f.start_provider("p", "0.1", extra=(*BIG, "--start-price", "0.01"))
+        alice_wallet = Wallet.generate()
+        fund(anvil.web3(), anvil.contracts["token"], anvil.accounts[0], alice_wallet.address, Decimal(1), 10**18)
+
+        def invoice_row(agreement_id: str) -> tuple[str, str, str] | None:
+            found = list((tmp_path / "p").glob("receivables-*.sqlite"))
+            if not found:
+                return None
+            with sqlite3.connect(found[0]) as db:
+                return db.execute("SELECT id, status, amount_wei FROM invoices WHERE agreement_id = ?",
+                                  (agreement_id,)).fetchone()
+
+        async def main() -> tuple[str, dict[str, str]]:
+            async with RawRequestor(f.url, alice_wallet) as alice, RawRequestor(f.url) as mallory:
+                agreement = await alice.agreement()
+                assert (await alice.call(provider, "approve", agreement))["ok"]
+                assert (await alice.call(provider, "terminate", agreement.id, "done"))["ok"]  # invoice: 0.01
+                for _ in range(300):
+                    if invoice_row(agreement.id):
+                        break
+                    await asyncio.sleep(0.1)
+                invoice_id = invoice_row(agreement.id)[0]
+                errors = {}
+                for method, args in (("on_accepted", [invoice_id, Decimal(0)]), ("on_rejected", [invoice_id, "no"])):
+                    reply = await mallory.call(provider, method, *args)
+                    assert not reply["ok"], method
+                    errors[method] = reply["error"]
+                assert (await alice.call(provider, "on_accepted", invoice_id, Decimal("0.004")))["ok"]
+                payer = EthereumPayer(anvil.web3(), wallet=alice_wallet, token_address=anvil.contracts["token"])
+                paid = await payer.pay(provider, Decimal("0.004"), reference="the accepted share")
+                payment = Payment(alice_wallet.address, provider, Decimal("0.004"), "erc20-devnet-glm", (invoice_id,),
+                                  paid.tx_hash, agreement_ids=(agreement.id,))
+                assert (await alice.call(provider, "on_payment", payment))["ok"]
+                return agreement.id, errors
+
+        agreement_id, errors = run(main())
+        wait_until(lambda: invoice_row(agreement_id)[1] == "paid", 30, "the accepted share to settle the invoice")
+    for method in ("on_accepted", "on_rejected"):
+        assert "is not" in errors[method], errors[method]
+    assert invoice_row(agreement_id)[2] == str(to_wei(Decimal("0.004")))  # what was due, after alice's acceptance
+
+
 def test_a_task_does_not_see_the_providers_key(anvil, tmp_path):  # noqa: F811
     with fleet(anvil, tmp_path, {}) as f, requestor(anvil, tmp_path):
         f.start_provider("p", "0.1")

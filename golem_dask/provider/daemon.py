@@ -65,6 +65,8 @@ class ProviderDaemon:
         self._outbox: collections.deque[tuple[str, Any]] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._requestors: dict[str, str] = {}  # agreement id -> requestor address
+        #: Debit notes and invoices sent, by id -> their requestor: only it may accept or reject them.
+        self._addressees: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @property
     def receivables(self) -> Receivables:
@@ -91,6 +93,10 @@ class ProviderDaemon:
             requestor = message.recipient_id
         if requestor is None:
             return
+        if isinstance(message, (DebitNote, Invoice)):
+            self._addressees[message.id] = requestor
+            while len(self._addressees) > 100_000:
+                self._addressees.popitem(last=False)
         payload = {"to": requestor, "message": message}
         try:
             await self.link.send("push", payload)
@@ -195,8 +201,12 @@ class ProviderDaemon:
             owner = self._requestors.get(agreement.id) if agreement else None
         elif method == "on_payment":
             owner = args[0].payer_addr if isinstance(args[0], Payment) else None
+        elif method in ("on_accepted", "on_rejected"):
+            # Accepting or rejecting a document moves what this provider is owed: its addressee only.
+            document_id = str(args[0]) if args else ""
+            owner = self._addressees.get(document_id) or self.receivables.requestor_of(document_id)
         else:
-            return  # on_proposal, on_accepted, on_rejected concern nothing of anyone else
+            return  # on_proposal concerns nothing of anyone else
         if owner != caller:
             raise MarketError(f"{method} refused: that is not {caller}'s agreement")
 
@@ -213,7 +223,10 @@ class ProviderDaemon:
             if method == "on_payment":
                 self._spawn(self._verify_payment(args[0]), "verify-payment")
             elif method == "on_rejected":
-                await asyncio.to_thread(self.receivables.reject, str(args[0]), str(args[1]))
+                await asyncio.to_thread(self.receivables.reject, str(args[0]), str(args[1]), caller)
+            elif method == "on_accepted" and await asyncio.to_thread(self.receivables.accepted, str(args[0]),
+                                                                        Decimal(str(args[1])), caller):
+                logger.warning("invoice %s accepted for %s GLM only: that is what is now due", args[0], args[1])
             reply.update(ok=True, value=value)
         except (GolemDaskError, TypeError, ValueError, KeyError) as e:
             kind = next((name for name, cls in REMOTE_ERRORS.items() if isinstance(e, cls)), "MarketError")

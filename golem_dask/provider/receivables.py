@@ -110,12 +110,35 @@ class Receivables:
         with self._transaction() as db:
             db.execute("UPDATE invoices SET sent_ms = ? WHERE id = ?", (now_ms(), invoice_id))
 
-    def reject(self, invoice_id: str, reason: str) -> bool:
-        """The requestor rejected an invoice of ours: stop re-sending it.  False if unknown."""
+    def accepted(self, invoice_id: str, amount: Decimal, requestor: str) -> bool:
+        """``requestor`` accepted an invoice of ours to it for ``amount``.  Less than it asked
+        (a share of a short delivery, or what its budget held) is what is now due: once that
+        is paid the invoice is settled and no longer re-sent; the body keeps what was asked.
+        True if the amount due changed (never for another requestor's invoice)."""
+        wei = to_wei(amount)
         with self._transaction() as db:
-            changed = db.execute("UPDATE invoices SET status = ?, reason = ? WHERE id = ? AND status = ?",
-                                 (REJECTED, reason, invoice_id, UNPAID)).rowcount
+            row = db.execute("SELECT amount_wei, status, requestor FROM invoices WHERE id = ?",
+                             (invoice_id,)).fetchone()
+            if row is None or row[1] != UNPAID or wei >= int(row[0]) or str(row[2]).lower() != requestor.lower():
+                return False
+            db.execute("UPDATE invoices SET amount_wei = ?, reason = ? WHERE id = ?",
+                       (str(wei), f"accepted {amount} of {from_wei(int(row[0]))}", invoice_id))
+        agreement = self._rows("SELECT agreement_id FROM invoices WHERE id = ?", (invoice_id,))[0][0]
+        self._settle_status(str(agreement))
+        return True
+
+    def reject(self, invoice_id: str, reason: str, requestor: str) -> bool:
+        """``requestor`` rejected an invoice of ours to it: stop re-sending it.  False if
+        unknown, or another requestor's."""
+        with self._transaction() as db:
+            changed = db.execute("UPDATE invoices SET status = ?, reason = ? WHERE id = ? AND status = ? "
+                                 "AND lower(requestor) = lower(?)",
+                                 (REJECTED, reason, invoice_id, UNPAID, requestor)).rowcount
         return bool(changed)
+
+    def requestor_of(self, invoice_id: str) -> str | None:
+        rows = self._rows("SELECT requestor FROM invoices WHERE id = ?", (invoice_id,))
+        return str(rows[0][0]) if rows else None
 
     def status(self, invoice_id: str) -> str | None:
         rows = self._rows("SELECT status FROM invoices WHERE id = ?", (invoice_id,))
