@@ -281,6 +281,9 @@ def provider(args: argparse.Namespace) -> int:
         return 1
     print(f"provider {args.name} at {wallet.address}", flush=True)
     print(f"runtime {args.runtime}; {policy.describe()}", flush=True)
+    if check is None:
+        print("payments: no chain to check them on (--rpc-url, --token-address): an announced payment is taken "
+              "at the requestor's word; sell to strangers only with a chain", flush=True)
     for line in provider_isolation(args.runtime, args.docker_network):
         print(line, flush=True)
     try:

@@ -506,3 +506,24 @@ def test_the_hub_sees_no_secret(anvil, tmp_path):  # noqa: F811
     pem_key = base64.b64encode(b"-----BEGIN PRIVATE KEY-----")[:32]
     for needle in (marker.encode(), token.encode(), pem_key, b"data:application/octet-stream", b"X-Secret"):
         assert needle not in seen, needle
+
+
+def test_a_provider_without_a_chain_takes_an_announced_payment_at_its_word() -> None:
+    """It says so at start and in its log; its invoice is then settled, not re-sent for days."""
+    from types import SimpleNamespace
+
+    from golem_dask.protocol.messages import Invoice
+    from golem_dask.provider.daemon import ProviderDaemon
+    from golem_dask.provider.receivables import Receivables
+
+    wallet = Wallet.generate()
+    credited: dict[str, Decimal] = {}
+    agent = SimpleNamespace(id=wallet.address, trusts_announcements=False, credit=credited.__setitem__)
+    book = Receivables(":memory:")
+    daemon = ProviderDaemon(agent, wallet, "tcp://127.0.0.1:9", None, book)  # type: ignore[arg-type]
+    assert agent.trusts_announcements
+    invoice = Invoice("agr", (), {}, Decimal("0.5"), wallet.address, "0xR", wallet.address, "0xR", "devnet")
+    book.add(invoice)
+    payment = Payment("0xR", wallet.address, Decimal("0.5"), "devnet", (invoice.id,), "0xtx", agreement_ids=("agr",))
+    asyncio.run(daemon._verify_payment(payment))
+    assert book.status(invoice.id) == "paid" and credited == {"agr": Decimal("0.5")}

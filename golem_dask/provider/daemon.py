@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from golem_dask import config
+from golem_dask.chain.units import to_wei
 from golem_dask.errors import GolemDaskError, MarketError, NetworkError
 from golem_dask.market.link import PROVIDER_METHODS, REMOTE_ERRORS, HubLink
 from golem_dask.protocol import wire
@@ -43,7 +44,8 @@ class ProviderDaemon:
     hub_url:
         ``tcp://HOST:PORT``.
     payment_check:
-        Verifies announced payments on chain (without one, nothing is counted as paid).
+        Verifies announced payments on chain (without one, an announcement is taken at its
+        word: for a provider that sells only to requestors it trusts).
     receivables:
         Where invoices wait to be paid (default: in memory).
     """
@@ -243,14 +245,16 @@ class ProviderDaemon:
 
     async def _verify_payment(self, payment: Payment) -> None:
         if self.payment_check is None:
-            logger.warning("payment %s announced, but this provider has no chain to check it on "
-                           "(--rpc-url, --token-address): not counted", payment.tx_hash)
-            return
+            # As the agent does for its payment deadlines: without a chain, the word is all
+            # there is, and an invoice taken as paid is no longer re-sent for days.
+            logger.warning("payment %s announced; this provider has no chain to check it on (--rpc-url, "
+                           "--token-address): counted on the requestor's word", payment.tx_hash)
         try:
             # One at a time, in the order announced: a transaction is credited to the
             # first announcements of it, up to what it moved.
             async with self._crediting:
-                moved = await asyncio.to_thread(self.payment_check.moved_wei, payment, self.agent.id)
+                moved = to_wei(payment.amount) if self.payment_check is None else \
+                    await asyncio.to_thread(self.payment_check.moved_wei, payment, self.agent.id)
                 credit = await asyncio.to_thread(self.receivables.credit, payment, moved)
         except Exception as e:  # a chain hiccup must not kill the daemon
             logger.error("payment NOT verified: %s (invoices %s)", e, ", ".join(payment.invoice_ids))
@@ -264,6 +268,7 @@ class ProviderDaemon:
         for agreement_id in credit.agreements:
             self.agent.credit(agreement_id, await asyncio.to_thread(self.receivables.paid, agreement_id))
         # Printed, not only logged: the operator (and the tests) read this line.
-        print(f"payment verified: {credit.credited} GLM in {payment.tx_hash} for invoices "
+        checked = "verified" if self.payment_check is not None else "taken at its word"
+        print(f"payment {checked}: {credit.credited} GLM in {payment.tx_hash} for invoices "
               f"{', '.join(payment.invoice_ids)}" + (f" (paid in full: {', '.join(credit.paid_invoices)})"
                                                       if credit.paid_invoices else ""), flush=True)
