@@ -39,7 +39,7 @@ from golem_dask.provider.runtime.base import Runtime
 from golem_dask.progress import show_progress
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, replace_lost, retire_leaving, retire_unaffordable,
+from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, payable_terms, replace_lost, retire_leaving, retire_unaffordable,
                                upkeep_tasks, within_capacity)
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
@@ -276,7 +276,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
                                                     docker_client=plan.docker_client))
         if (wallet := getattr(payer, "wallet", None)) is not None:  # it signs the agreements' terms
             self.market.bind_wallet(wallet)
-        self.budget = Budget(total)
+        self.budget, self.spec = Budget(total), payable_terms(self.spec, payer, backend, self.events)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
         self.accountant.on_exhausted = functools.partial(retire_unaffordable, self)
         self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events,

@@ -26,7 +26,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -340,6 +340,18 @@ def affordable(cluster: Any, n: int) -> int:
     cheapest = min(costs)
     more = math.floor(cluster.budget.remaining / cheapest) if cheapest > 0 else n - current
     return min(n, current + max(0, int(more)))
+
+
+def payable_terms(spec: Any, payer: Any, backend: Any, events: Any) -> Any:
+    """``spec``, or without its mid-run payment terms when nothing would keep them: a payer
+    that keeps no ledger cannot pay accepted debit notes as it goes (on ``market="yagna"``
+    the daemon pays them itself), and providers end agreements whose payments are late."""
+    if not spec.payment_interval_s or backend == "yagna" or getattr(payer, "daemon", None) is not None \
+            or getattr(payer, "ledger", None) is not None:
+        return spec
+    events.emit("warning", f"{type(payer).__name__} keeps no ledger, so it pays at the end only: "
+                "golem.payment.pay-interval is left out of the demand")
+    return replace(spec, payment_interval_s=None)
 
 
 def begin_closing(cluster: Any) -> None:

@@ -175,3 +175,28 @@ def test_cpu_is_metered_by_running_agreement_for_any_worker_the_scheduler_knows(
     ran = Decimal(str(round(time.monotonic() - started, 3))) + Decimal("0.002")
     assert set(observed) == {"agr-golem-7"}
     assert Decimal(0) < observed["agr-golem-7"] <= Decimal("1.5") * ran  # 1.5 CPUs, at most while it ran
+
+
+def test_a_payer_without_a_ledger_does_not_promise_payments_as_it_goes() -> None:
+    """Providers end agreements whose accepted debit notes go unpaid: a payer that cannot
+    pay them mid-run (no ledger) must not put the terms in the demand."""
+    from types import SimpleNamespace
+
+    import dask
+
+    from golem_dask.events import EventLog
+    from golem_dask.market.demand import DemandSpec
+    from golem_dask.protocol import properties as P
+    from golem_dask.upkeep import payable_terms
+
+    with dask.config.set({"golem.payment.pay-interval": "10m"}):
+        spec = DemandSpec.from_kwargs(cpu=1, memory="1GiB")
+    assert spec.payment_interval_s == 600
+    events = EventLog()
+    kept = payable_terms(spec, SimpleNamespace(ledger=object()), "local", events)
+    on_yagna = payable_terms(spec, SimpleNamespace(), "yagna", events)  # the daemon pays accepted debit notes
+    assert kept is spec and on_yagna is spec and not events.of_kind("warning")
+    stripped = payable_terms(spec, SimpleNamespace(), "local", events)
+    assert stripped.payment_interval_s is None and P.PAYMENT_TIMEOUT not in stripped.build("0xabc", 0).properties
+    assert stripped.reserve_s == spec.lifetime_s  # the budget then reserves the whole lifetime
+    assert "keeps no ledger" in str(events.of_kind("warning")[0])
