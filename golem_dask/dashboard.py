@@ -116,9 +116,10 @@ class GolemView:
         cluster = self._cluster()
         return worker_lines(cluster) if cluster is not None else []
 
-    def sample(self) -> None:
+    def sample(self, lines: list[Any] | None = None) -> None:
+        """Record each provider's cost so far (from ``lines``, if the caller has them)."""
         costs: dict[str, Decimal] = {}
-        for line in self.lines():
+        for line in self.lines() if lines is None else lines:
             costs[line.provider] = costs.get(line.provider, Decimal(0)) + line.cost
         if costs:
             self.history.add(time.time() - self.started, costs)
@@ -132,8 +133,8 @@ class GolemView:
         }
 
     def page(self) -> str:
-        self.sample()
         cluster, lines = self._cluster(), self.lines()
+        self.sample(lines)
         head = "".join(f"<th>{h}</th>" for h in HEADER)
         body = "".join("<tr class='golem-worker'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(w))
                        + "</tr>" for w in lines)
