@@ -52,7 +52,7 @@ def ledger(path: str | None, as_json: bool) -> int:
     """Print the ledger's debts and payments."""
     import os
 
-    from golem_dask.payment.factory import ledger_path
+    from golem_dask.config import ledger_path
     from golem_dask.payment.ledger import Ledger, dumps
 
     path = path or ledger_path()
@@ -153,7 +153,6 @@ def hub(listen: str, data_dir: str | None = None) -> int:
 def devnet(args: argparse.Namespace) -> int:
     """Run a development chain for the many-machines mode until interrupted: anvil with the
     token and batch contracts, the given addresses funded, and the configuration to export."""
-    import json
     import signal
     from decimal import Decimal, InvalidOperation
 
@@ -297,10 +296,9 @@ def providers(path: str | None, as_json: bool) -> int:
     """Print the reputation store: one provider per line."""
     import os
 
-    from golem_dask import config
     from golem_dask.market.reputation import Reputation
 
-    path = path or os.path.join(os.path.expanduser(config.get("payment.data-dir")), "reputation.sqlite")
+    path = path or Reputation.default_path()
     if not os.path.exists(path):  # reading makes no file
         print(f"no providers remembered yet (no {path})", file=sys.stderr)
         return 0

@@ -36,6 +36,17 @@ def get(key: str, override: Any = None) -> Any:
     return dask.config.get(f"golem.{key}", override_with=override)
 
 
+def data_dir() -> str:
+    """The requestor's data folder, ``golem.payment.data-dir`` with ``~`` expanded: its
+    ledger, what it remembers of providers, the list of its running clusters."""
+    return os.path.expanduser(get("payment.data-dir"))
+
+
+def ledger_path() -> str:
+    """Where the durable ledger lives: ``<golem.payment.data-dir>/ledger.sqlite``."""
+    return os.path.join(data_dir(), "ledger.sqlite")
+
+
 def seconds(key: str, override: Any = None) -> float:
     """Read a duration (``"30s"``, ``"1h"``, a number of seconds) as float seconds."""
     value = get(key, override)

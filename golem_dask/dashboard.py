@@ -170,7 +170,7 @@ def attach(scheduler: Any, cluster: Any) -> None:
 
 def registry() -> Path:
     """Where running clusters are listed (``<golem.payment.data-dir>/clusters``)."""
-    return Path(os.path.expanduser(config.get("payment.data-dir"))) / "clusters"
+    return Path(config.data_dir()) / "clusters"
 
 
 def running_clusters() -> list[dict[str, Any]]:

@@ -87,11 +87,17 @@ class Reputation:
     @classmethod
     def for_ledger(cls, ledger_path: str | None) -> Reputation:
         """Next to a ledger file, or the process's in-memory store (one per path)."""
-        path = os.path.join(os.path.dirname(ledger_path), "reputation.sqlite") if ledger_path and \
-            ledger_path != ":memory:" else ":memory:"
+        path = cls.path_for(ledger_path)
         if path not in cls._shared:
             cls._shared[path] = cls(path)
         return cls._shared[path]
+
+    @staticmethod
+    def path_for(ledger_path: str | None) -> str:
+        """The store's file next to a ledger file (``":memory:"`` for none, or one in memory)."""
+        if not ledger_path or ledger_path == ":memory:":
+            return ":memory:"
+        return os.path.join(os.path.dirname(ledger_path), "reputation.sqlite")
 
     @classmethod
     def of_payer(cls, payer: object) -> Reputation:
@@ -101,8 +107,12 @@ class Reputation:
     @classmethod
     def default(cls) -> Reputation:
         """The store in ``golem.payment.data-dir``."""
-        folder = os.path.expanduser(config.get("payment.data-dir"))
-        return cls.for_ledger(os.path.join(folder, "ledger.sqlite"))
+        return cls.for_ledger(config.ledger_path())
+
+    @classmethod
+    def default_path(cls) -> str:
+        """The file of :meth:`default` (without opening it)."""
+        return cls.path_for(config.ledger_path())
 
     def _bump(self, address: str, name: str, sql: str, args: tuple[object, ...] = ()) -> None:
         with self.db.transaction() as db:
@@ -152,3 +162,4 @@ class Reputation:
 def _record(row: tuple[object, ...]) -> Record:
     return Record(str(row[0]), str(row[1]), int(str(row[2])), Decimal(str(row[3])), Decimal(str(row[4])),
                   int(str(row[5])), int(str(row[6])), int(str(row[7])))
+

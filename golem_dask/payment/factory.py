@@ -18,11 +18,6 @@ from golem_dask.payment.ledger import Ledger
 from golem_dask.protocol.identity import Wallet
 
 
-def ledger_path() -> str:
-    """Where the durable ledger lives: ``<golem.payment.data-dir>/ledger.sqlite``."""
-    return os.path.join(os.path.expanduser(config.get("payment.data-dir")), "ledger.sqlite")
-
-
 def requestor_wallet() -> Wallet:
     """The requestor's key from ``golem.payment.keystore`` or the ``key-env`` variable."""
     keystore = config.get("payment.keystore")
@@ -58,7 +53,7 @@ def payer_from_config(platform: str | None = None, on_step: Callable[[str], None
         token_address=token,
         batch_address=config.address("payment.batch-address"),
         platform=platform or config.get("payment.platform"),
-        ledger=Ledger(ledger_path()),
+        ledger=Ledger(config.ledger_path()),
         priority_fee_wei=int(Decimal(str(config.get("payment.priority-fee-gwei"))) * GWEI),
         max_fee_wei=int(Decimal(str(config.get("payment.max-fee-gwei"))) * GWEI),
         expected_chain_id=None if chain_id is None else int(chain_id),
