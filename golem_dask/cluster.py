@@ -24,7 +24,7 @@ from distributed.utils import Log
 from golem_dask import config, dashboard
 from golem_dask.errors import ConfigError
 from golem_dask.display import ClusterDisplay
-from golem_dask.events import EventLog, quiet_closed_comms
+from golem_dask.events import EventLog, quiet_expected_noise
 from golem_dask.market.base import Market
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
@@ -39,8 +39,8 @@ from golem_dask.provider.runtime.base import Runtime
 from golem_dask.progress import show_progress
 from golem_dask.scheduler import GolemScheduler
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
-from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, payable_terms, replace_lost, retire_leaving, retire_unaffordable,
-                               upkeep_tasks, within_capacity)
+from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, payable_terms, replace_lost,
+                               retire_leaving, retire_unaffordable, upkeep_tasks, within_capacity)
 from golem_dask.worker import GolemWorker, Registrations, Rental, RequestorParts, drop_early_rentals, meter_cpu
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         # process, market or chain is started.
         self.events = EventLog()
         self.progress = show_progress(self, config.get("cluster.progress"))
-        quiet_closed_comms()
+        quiet_expected_noise()
         backend = backend_of(market)
         if backend == "yagna":
             plan = yagna_plan(runtime, image)
@@ -276,7 +276,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
                                                     docker_client=plan.docker_client))
         if (wallet := getattr(payer, "wallet", None)) is not None:  # it signs the agreements' terms
             self.market.bind_wallet(wallet)
-        self.budget, self.spec = Budget(total), payable_terms(self.spec, payer, backend, self.events)
+        self.budget, self.spec = Budget(total), payable_terms(self.spec, payer, self.events)
         self.accountant = Accountant(payer, self.budget, tolerance_from_config(), self.events)
         self.accountant.on_exhausted = functools.partial(retire_unaffordable, self)
         self.negotiator = Negotiator.from_config(self.market, self.spec, payer.address, self.budget, self.events,

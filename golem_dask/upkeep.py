@@ -35,6 +35,7 @@ from distributed.core import Status
 
 from golem_dask import config
 from golem_dask.errors import ConfigError
+from golem_dask.payment.accountant import ledger_of
 from golem_dask.protocol.messages import now_ms
 
 logger = logging.getLogger(__name__)
@@ -342,12 +343,12 @@ def affordable(cluster: Any, n: int) -> int:
     return min(n, current + max(0, int(more)))
 
 
-def payable_terms(spec: Any, payer: Any, backend: Any, events: Any) -> Any:
+def payable_terms(spec: Any, payer: Any, events: Any) -> Any:
     """``spec``, or without its mid-run payment terms when nothing would keep them: a payer
-    that keeps no ledger cannot pay accepted debit notes as it goes (on ``market="yagna"``
-    the daemon pays them itself), and providers end agreements whose payments are late."""
-    if not spec.payment_interval_s or backend == "yagna" or getattr(payer, "daemon", None) is not None \
-            or getattr(payer, "ledger", None) is not None:
+    that keeps no ledger cannot pay accepted debit notes as it goes (a yagna daemon's payer
+    needs none: the daemon pays them itself), and providers end agreements whose payments
+    are late."""
+    if not spec.payment_interval_s or getattr(payer, "daemon", None) is not None or ledger_of(payer) is not None:
         return spec
     events.emit("warning", f"{type(payer).__name__} keeps no ledger, so it pays at the end only: "
                 "golem.payment.pay-interval is left out of the demand")

@@ -193,10 +193,12 @@ def test_a_payer_without_a_ledger_does_not_promise_payments_as_it_goes() -> None
         spec = DemandSpec.from_kwargs(cpu=1, memory="1GiB")
     assert spec.payment_interval_s == 600
     events = EventLog()
-    kept = payable_terms(spec, SimpleNamespace(ledger=object()), "local", events)
-    on_yagna = payable_terms(spec, SimpleNamespace(), "yagna", events)  # the daemon pays accepted debit notes
+    from golem_dask.payment.ledger import Ledger
+
+    kept = payable_terms(spec, SimpleNamespace(ledger=Ledger(":memory:")), events)
+    on_yagna = payable_terms(spec, SimpleNamespace(daemon=object()), events)  # the daemon pays accepted debit notes
     assert kept is spec and on_yagna is spec and not events.of_kind("warning")
-    stripped = payable_terms(spec, SimpleNamespace(), "local", events)
+    stripped = payable_terms(spec, SimpleNamespace(ledger=object()), events)  # not a ledger: as the Accountant sees it
     assert stripped.payment_interval_s is None and P.PAYMENT_TIMEOUT not in stripped.build("0xabc", 0).properties
     assert stripped.reserve_s == spec.lifetime_s  # the budget then reserves the whole lifetime
     assert "keeps no ledger" in str(events.of_kind("warning")[0])

@@ -60,7 +60,7 @@ def test_only_a_python_patch_release_difference_is_kept_out_of_the_users_warning
     from distributed.utils import asciitable
     from distributed.versions import VersionMismatchWarning
 
-    from golem_dask.events import quiet_closed_comms
+    from golem_dask.events import quiet_expected_noise
 
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -72,7 +72,7 @@ def test_only_a_python_patch_release_difference_is_kept_out_of_the_users_warning
     more = table(["python", f"{here}.7.final.0", f"{here}.7.final.0", f"{here}.2.final.0"], ["numpy", "2.0", "2.0", "1.0"])
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        quiet_closed_comms()
+        quiet_expected_noise()
         for message in (patch, minor, more):
             warnings.warn(VersionMismatchWarning(message))
     assert [str(w.message) for w in shown] == [minor, more]

@@ -196,9 +196,9 @@ class Accountant:
         self.payments: list[Payment] = []
         #: Called with an agreement id when the budget cannot reserve its next payment period.
         self.on_exhausted: Callable[[str], Any] | None = None
-        ledger = getattr(payer, "ledger", None)
+        ledger = ledger_of(payer)
         #: Agreements signed and documents accepted, in the payer's ledger (None: a payer without one).
-        self.commitments = Commitments(ledger) if isinstance(ledger, Ledger) else None
+        self.commitments = Commitments(ledger) if ledger is not None else None
 
     def _emit(self, kind: str, message: str, **data: Any) -> None:
         if self.events is not None:
@@ -479,6 +479,13 @@ def budget_holds(account: AgreementAccount, budget: Budget) -> Decimal:
     """The most an agreement can be paid in all without passing the budget (a worker retired
     because the budget ran out may have run on while it handed its data over)."""
     return account.paid + budget.reserved_for(account.agreement.id) + max(Decimal(0), budget.remaining)
+
+
+def ledger_of(payer: Payer) -> Ledger | None:
+    """The payer's durable ledger, if it keeps one: paying accepted debit notes as the work
+    goes needs it (it records each promise before the provider hears it)."""
+    ledger = getattr(payer, "ledger", None)
+    return ledger if isinstance(ledger, Ledger) else None
 
 
 def bill_of(accounts: Iterable[AgreementAccount], payer: Payer) -> Bill:
