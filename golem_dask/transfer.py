@@ -2,8 +2,9 @@
 
 A copy moves fixed-size chunks (memory stays flat whatever the file size): between
 local paths in the kernel with ``copy_file_range``, from an async remote filesystem (S3,
-HTTP, GCS) to a local path through its own streamed download, otherwise through two
-overlapping threads.  It then compares sizes at both ends and the checksum of the source's bytes
+HTTP, GCS) to a local path through its own streamed download, from a local path to one
+that uploads in concurrent parts (S3) through its own upload with a few parts in flight,
+otherwise through two overlapping threads.  It then compares sizes at both ends and the checksum of the source's bytes
 with the destination's (read back where the destination is local).  Errors from fsspec
 backends are raised as :class:`~golem_dask.errors.TransferError` naming the URL.
 """

@@ -337,9 +337,10 @@ class Negotiator:
             if not options:
                 if self._waiting_since is None:  # since the last agreement, or the first wait
                     self._waiting_since, self._hinted = loop.time(), False
-                hint_at = self._waiting_since + self.hint_after_s if self.hint_after_s else deadline
+                until = deadline if self._hinted or not self.hint_after_s else \
+                    min(deadline, self._waiting_since + self.hint_after_s)
                 try:
-                    await self._wait_for_offers(min(deadline, hint_at) if not self._hinted else deadline)
+                    await self._wait_for_offers(until)
                 except asyncio.TimeoutError:
                     if loop.time() >= deadline:
                         raise NoOffersError(await self.explain()) from None

@@ -117,14 +117,13 @@ class Receivables:
         True if the amount due changed (never for another requestor's invoice)."""
         wei = to_wei(amount)
         with self._transaction() as db:
-            row = db.execute("SELECT amount_wei, status, requestor FROM invoices WHERE id = ?",
+            row = db.execute("SELECT amount_wei, status, requestor, agreement_id FROM invoices WHERE id = ?",
                              (invoice_id,)).fetchone()
             if row is None or row[1] != UNPAID or wei >= int(row[0]) or str(row[2]).lower() != requestor.lower():
                 return False
             db.execute("UPDATE invoices SET amount_wei = ?, reason = ? WHERE id = ?",
                        (str(wei), f"accepted {amount} of {from_wei(int(row[0]))}", invoice_id))
-        agreement = self._rows("SELECT agreement_id FROM invoices WHERE id = ?", (invoice_id,))[0][0]
-        self._settle_status(str(agreement))
+        self._settle_status(str(row[3]))
         return True
 
     def reject(self, invoice_id: str, reason: str, requestor: str) -> bool:
