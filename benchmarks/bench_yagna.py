@@ -12,10 +12,12 @@ Each round, in alternating order:
 * bare: the same REST calls made without golem-dask (allocation, decorated demand, for each
   worker concurrently a counter-proposal, an agreement confirmed and approved, an activity,
   ``deploy``/``start``/``run dask worker``), a plain scheduler in this process, until both
-  workers are registered.
+  workers are registered; then, timed apart, the bare close with settlement: workers
+  retired, activities destroyed, agreements terminated, each invoice accepted as it arrives, the payment cycle
+  run, the payments polled until both are reported.
 
 Prints the geometric mean of the per-round ratios golem/bare for the time to two workers
-(with a bootstrap 95% interval) and the median close-with-settlement time.
+(with a bootstrap 95% interval), and the median close-with-settlement time of both.
 
     python benchmarks/bench_yagna.py [--rounds 5]
 
@@ -49,8 +51,9 @@ def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def bare(stack: Any, subnet: str, n: int) -> float:
-    """Seconds from nothing to ``n`` dask workers registered, over plain REST calls."""
+async def bare(stack: Any, subnet: str, n: int) -> tuple[float, float]:
+    """Seconds from nothing to ``n`` dask workers registered over plain REST calls, and
+    seconds to close them with settlement."""
     import aiohttp
     from distributed import Scheduler
 
@@ -83,6 +86,7 @@ async def bare(stack: Any, subnet: str, n: int) -> float:
             latest = events[0]["proposal"]["proposalId"]
             lock = asyncio.Lock()
             activities: list[str] = []
+            agreements: list[str] = []
 
             async def worker(i: int) -> None:
                 nonlocal latest
@@ -99,6 +103,7 @@ async def bare(stack: Any, subnet: str, n: int) -> float:
                         "proposalId": draft, "validTo": iso(datetime.now(UTC) + timedelta(minutes=10))})
                     await call("POST", f"/market-api/v1/agreements/{agreement}/confirm")
                     await call("POST", f"/market-api/v1/agreements/{agreement}/wait", params={"timeout": "10"})
+                    agreements.append(agreement)
                 made = await call("POST", "/activity-api/v1/activity", json={"agreementId": agreement},
                                   params={"timeout": "30"})
                 activity = made["activityId"] if isinstance(made, dict) else made
@@ -111,12 +116,37 @@ async def bare(stack: Any, subnet: str, n: int) -> float:
             while len(scheduler.workers) < n:
                 await asyncio.sleep(0.01)
             elapsed = time.perf_counter() - started
-            # Not timed: stop the workers and leave nothing on the daemon.
-            for activity in activities:
-                await call("DELETE", f"/activity-api/v1/activity/{activity}")
+            closing = time.perf_counter()
+            since = iso(datetime.now(UTC) - timedelta(seconds=1))
+            await scheduler.retire_workers(close_workers=True)  # as the cluster does: workers first
+            ended = asyncio.gather(  # as golem-dask does: the daemon answers a destroy only when the unit did
+                *(call("DELETE", f"/activity-api/v1/activity/{activity}") for activity in activities),
+                *(call("POST", f"/market-api/v1/agreements/{agreement}/terminate", json={"message": "done"})
+                  for agreement in agreements))
+            owed: dict[str, str] = {}
+            after = since
+            while len(owed) < len(agreements):
+                for e in await call("GET", "/payment-api/v1/invoiceEvents",
+                                    params={"afterTimestamp": after, "timeout": "5", "maxEvents": "10"}):
+                    after = e["eventDate"]
+                    if e["eventType"] != "InvoiceReceivedEvent":
+                        continue
+                    invoice = await call("GET", f"/payment-api/v1/invoices/{e['invoiceId']}")
+                    if invoice["agreementId"] in agreements and invoice["agreementId"] not in owed:
+                        owed[invoice["agreementId"]] = invoice["amount"]
+                        await call("POST", f"/payment-api/v1/invoices/{e['invoiceId']}/accept", json={
+                            "totalAmountAccepted": invoice["amount"], "allocationId": alloc["allocationId"]})
+            await call("POST", f"/payment-api/v1/batchCycle/{stack.platform}/now")
+            paid: set[str] = set()
+            while len(paid) < len(agreements):
+                await asyncio.sleep(0.05)
+                for payment in await call("GET", "/payment-api/v1/payments", params={"afterTimestamp": since}):
+                    paid |= {p["agreementId"] for p in payment.get("agreementPayments") or ()} & set(agreements)
+            down = time.perf_counter() - closing
+            await ended
             await call("DELETE", f"/market-api/v1/demands/{did}")
             await call("DELETE", f"/payment-api/v1/allocations/{alloc['allocationId']}")
-    return elapsed
+    return elapsed, down
 
 
 def golem(n: int) -> tuple[float, float]:
@@ -146,7 +176,7 @@ def main() -> int:
     from yagna_provider import YagnaTestProvider
     from yagna_stack import YagnaStack, subnet
 
-    ratios, closes, rows = [], [], []
+    ratios, closes, bare_closes, rows = [], [], [], []
     with YagnaStack() as stack, tempfile.TemporaryDirectory(prefix="bench-yagna-") as tmp:
         name = subnet()
         os.environ.update(YAGNA_API_URL=stack.api_url, YAGNA_APPKEY=stack.requestor_key)
@@ -159,20 +189,21 @@ def main() -> int:
             golem(args.workers)  # warm-up: imports, the first TLS material
             for i in range(args.rounds):
                 if i % 2:
-                    b = asyncio.run(bare(stack, name, args.workers))
+                    b, b_down = asyncio.run(bare(stack, name, args.workers))
                     up, down = golem(args.workers)
                 else:
                     up, down = golem(args.workers)
-                    b = asyncio.run(bare(stack, name, args.workers))
+                    b, b_down = asyncio.run(bare(stack, name, args.workers))
                 ratios.append(up / b)
                 closes.append(down)
-                rows.append((up, b, down))
+                bare_closes.append(b_down)
+                rows.append((up, b, down, b_down))
                 log(f"round {i}: golem {up:.3f} s, bare {b:.3f} s, ratio {up / b:.3f}; close with settlement "
-                    f"{down:.3f} s")
+                    f"golem {down:.3f} s, bare {b_down:.3f} s")
     low, high = bootstrap_interval(ratios)
     log(f"\ntime to {args.workers} workers golem/bare: {geometric_mean(ratios):.3f} [{low:.3f}-{high:.3f}] "
         f"(golem median {median([r[0] for r in rows]):.3f} s, bare {median([r[1] for r in rows]):.3f} s)")
-    log(f"close with settlement: median {median(closes):.3f} s")
+    log(f"close with settlement: median golem {median(closes):.3f} s, bare {median(bare_closes):.3f} s")
     targets = [
         {"name": f"time to {args.workers} workers golem/bare <= {TARGET_START}", "value": geometric_mean(ratios),
          "pass": geometric_mean(ratios) <= TARGET_START},
@@ -181,7 +212,7 @@ def main() -> int:
     ]
     report_targets(targets)
     return finish(args.json, targets, rounds=rows, ratio=geometric_mean(ratios), interval=[low, high],
-                  close_s=median(closes))
+                  close_s=median(closes), bare_close_s=median(bare_closes))
 
 
 if __name__ == "__main__":
