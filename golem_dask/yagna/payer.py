@@ -120,9 +120,8 @@ class YagnaPayer(Payer):
             await asyncio.sleep(config.seconds("yagna.payment-poll-interval"))
         raise PaymentError(
             f"the yagna daemon paid {paid} of {amount} to {payee} for {reference} within {timeout:g}s "
-            "(golem.payment.payment-timeout); it pays accepted documents in its payment cycle (see 'yagna "
-            "payment process info' and 'yagna payment status') and skips amounts below its "
-            "MIN_PAYMENT_AMOUNT_GLM until more is owed")
+            "(golem.payment.payment-timeout); the documents stay accepted and it pays them in a later payment "
+            "cycle (see 'yagna payment process info' and 'yagna payment status'); raise the timeout to wait longer")
 
     async def balance(self, address: str) -> Decimal:
         raise PaymentError("the yagna daemon reports no token balances over its REST API; "
