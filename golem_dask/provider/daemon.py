@@ -189,7 +189,7 @@ class ProviderDaemon:
         elif envelope.kind == "error":
             logger.warning("hub: %s", payload.get("reason") if isinstance(payload, dict) else payload)
 
-    def _check_caller(self, caller: str, method: str, args: list[Any]) -> None:
+    async def _check_caller(self, caller: str, method: str, args: list[Any]) -> None:
         agent = self.agent
         if method == "approve":
             agreement = args[0]
@@ -206,7 +206,9 @@ class ProviderDaemon:
         elif method in ("on_accepted", "on_rejected"):
             # Accepting or rejecting a document moves what this provider is owed: its addressee only.
             document_id = str(args[0]) if args else ""
-            owner = self._addressees.get(document_id) or self.receivables.requestor_of(document_id)
+            owner = self._addressees.get(document_id)
+            if owner is None:  # off the loop: the store's lock may be held by a commit in a thread
+                owner = await asyncio.to_thread(self.receivables.requestor_of, document_id)
         else:
             return  # on_proposal concerns nothing of anyone else
         if owner != caller:
@@ -218,7 +220,7 @@ class ProviderDaemon:
         try:
             if method not in PROVIDER_METHODS:
                 raise MarketError(f"unknown call {method!r}")
-            self._check_caller(caller, method, args)
+            await self._check_caller(caller, method, args)
             value = await getattr(self.agent, method)(*args)
             if method == "approve":
                 self._requestors[value.id] = caller
