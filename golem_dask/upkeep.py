@@ -3,7 +3,9 @@
 * :class:`Renewals`: an agreement expires (the provider ends it), so each worker is
   replaced before that: a successor is rented and joins, then the old worker is retired
   gracefully (the scheduler moves its data to the others) and paid.  No worker, and no
-  key held in memory, is lost to an expiring agreement.
+  key held in memory, is lost to an expiring agreement.  When no successor can be rented
+  first (every provider full, as a single machine is), the worker steps aside instead:
+  retired while the others can take its data, then replaced in the room it left.
 * :class:`IdleGuard`: when no task has run for ``golem.cluster.idle-timeout``, every
   worker is retired and paid; the cluster stays usable (``scale``/``adapt`` rent again).
 * paying as it goes (:meth:`~golem_dask.payment.accountant.Accountant.pay_as_you_go`):
@@ -82,6 +84,7 @@ class Renewals:
         self.interval_s = interval_s
         self._renewing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stepping_aside = asyncio.Lock()  # one at a time: the others must hold its data
 
     async def run(self) -> None:
         try:
@@ -113,13 +116,43 @@ class Renewals:
         expires = c.workers[name].deal.agreement.valid_to_ms
         c.events.emit("renewal", f"agreement of {name} expires in {max(0, expires - now_ms()) / 1000:.0f}s: "
                       "renting its successor", worker=name)
-        successor = await hand_over(c, name)
-        if successor is None:
-            c.events.emit("warning", f"could not rent a successor for {name}; it stops when its agreement "
-                          "expires and is then replaced", worker=name)
-        else:
+        room = room_on_machine(c)  # the embedded market knows when its machine is full
+        successor = None if room is not None and len(c.workers) >= room else await hand_over(c, name)
+        if successor is not None:
             c.events.emit("renewal", f"{name} handed over to {successor} before its agreement expired",
                           worker=name, successor=successor)
+        elif not await self._step_aside(name):
+            c.events.emit("warning", f"could not rent a successor for {name}; it stops when its agreement "
+                          "expires and is then replaced", worker=name)
+
+    async def _step_aside(self, name: str) -> bool:
+        """No successor could be rented beside ``name``: retire it now, while other workers
+        can take its data, and rent its replacement in the room it leaves.  False when no
+        other worker runs to take the data (``name`` then stays until its agreement ends)."""
+        c = self.cluster
+        async with self._stepping_aside:
+            others = [n for n, w in c.workers.items() if n != name and w.status == Status.running]
+            if not others or name not in c.worker_spec or c.status != Status.running:
+                return False
+            c.events.emit("renewal", f"no room to rent a successor beside {name}: it hands its data to the other "
+                          "workers now and is replaced in the room it leaves", worker=name)
+            spec = c.worker_spec.pop(name)
+            await c._correct_state()  # retires it (its data moves to the others), pays it
+            successor = c._new_worker_name(c._i)
+            c._i += 1
+            c.worker_spec[successor] = spec
+            try:
+                await c._correct_state()
+            except Exception as e:  # the caller reports it
+                logger.info("renting the replacement of %s failed: %s", name, e)
+            if successor in c.workers and c.workers[successor].status == Status.running:
+                c.events.emit("renewal", f"{name} stepped aside for {successor} before its agreement expired",
+                              worker=name, successor=successor)
+            else:
+                c.worker_spec.pop(successor, None)
+                c.events.emit("warning", f"could not rent a replacement for {name}; the cluster runs with one "
+                              "worker fewer until scale() or adapt() asks again", worker=name)
+            return True
 
 
 async def hand_over(cluster: Any, name: str) -> str | None:
@@ -365,12 +398,18 @@ def begin_closing(cluster: Any) -> None:
         linger(config.seconds("payment.close-batch-window"))
 
 
+def room_on_machine(cluster: Any) -> int | None:
+    """How many of the cluster's workers its embedded providers hold at once (None: the
+    market does not know, as a hub or the yagna daemon does not)."""
+    room_for = getattr(cluster.market, "room_for", None)
+    return room_for(cluster.spec.resources) if room_for is not None else None
+
+
 def within_capacity(cluster: Any, n: int, *, strict: bool) -> int:
     """``n``, or as many workers as this machine's embedded providers hold.  At the start
     (``strict``) asking for more fails at once; a later ``scale`` is capped, said once per
     cluster (``adapt`` asks again and again)."""
-    room_for = getattr(cluster.market, "room_for", None)
-    room = room_for(cluster.spec.resources) if room_for is not None else None
+    room = room_on_machine(cluster)
     if room is None or n <= room:
         return n
     resources = cluster.spec.resources

@@ -83,6 +83,31 @@ def test_workers_outlive_their_agreements_and_keep_their_data(runtime: str) -> N
     assert len(entries) >= 4 and {e.status for e in entries} == {"paid"}
 
 
+def test_workers_on_a_full_machine_step_aside_before_their_agreements_expire() -> None:
+    """The provider holds only the cluster's two workers, so no successor can be rented
+    beside an expiring one: each in turn hands its data to the other, is paid, and is
+    replaced in the room it left.  No key is recomputed, no worker is lost."""
+    data = np.arange(300_000, dtype="f8")
+    local = [{"name": "local", "cpu": 2, "memory": "4GiB", "storage": "10GiB", "runtime": "process",
+              "price-per-cpu-hour": "0.1", "price-per-hour": "0.02", "start-price": "0"}]
+    with dask.config.set({"golem.market.agreement-lifetime": "14s", "golem.provider.local": local}), \
+            GolemCluster(n_workers=2, cpu=1, memory="1GiB", budget="2") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        x, plugin = persist_watched(cluster, data, 30_000)
+        started = time.monotonic()
+        while time.monotonic() - started < 20:
+            assert float(x.sum().compute()) == float(data.sum())
+            time.sleep(1)
+        wait_until("both replaced", lambda: len(cluster.workers) == 2
+                   and len([e for e in cluster.events.of_kind("renewal") if "stepped aside" in str(e)]) >= 2)
+        events = [str(e) for e in cluster.events]
+        assert plugin.recomputed == [], (plugin.recomputed, events)
+        assert not cluster.events.of_kind("warning"), events
+        assert float(x.sum().compute()) == float(data.sum())
+    entries = cluster.bill().entries
+    assert len(entries) >= 4 and {e.status for e in entries} == {"paid"}, cluster.bill()
+
+
 def test_an_idle_cluster_retires_and_pays_its_workers_and_rents_again(runtime: str) -> None:
     with GolemCluster(n_workers=1, budget="1", idle_timeout="2s", runtime=runtime) as cluster, Client(cluster) as client:
         assert client.submit(sum, [1, 2]).result() == 3
