@@ -391,11 +391,13 @@ def payable_terms(spec: Any, payer: Any, events: Any) -> Any:
 def begin_closing(cluster: Any) -> None:
     """As a cluster starts closing: the progress display ends (what follows is the bill),
     and the payer gathers the final invoices, which arrive over a moment as the workers
-    leave, into one transaction (``golem.payment.close-batch-window``)."""
+    leave, into one transaction: for up to ``golem.payment.close-batch-window``, and no
+    longer once every leaving worker's is owed."""
     cluster.progress.close()
     linger = getattr(cluster.payer, "linger", None)
     if linger is not None:
-        linger(config.seconds("payment.close-batch-window"))
+        leaving = sum(1 for w in cluster.workers.values() if getattr(w, "deal", None) is not None)
+        linger(config.seconds("payment.close-batch-window"), leaving)
 
 
 def room_on_machine(cluster: Any) -> int | None:

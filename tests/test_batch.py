@@ -107,7 +107,9 @@ def test_a_contract_whose_code_merely_appears_in_ours_is_refused_too(anvil, tmp_
 
 def test_a_closing_payer_gathers_payments_arriving_apart_into_one_transaction(anvil, tmp_path):
     """A closing cluster's final invoices arrive a few hundred ms apart: ``linger`` (what
-    the cluster calls as it closes) puts them in one batch; the usual window does not."""
+    the cluster calls as it closes, with the number of workers leaving) puts them in one
+    batch, sent once both are owed rather than at the end of the window; the usual window
+    does not gather them."""
     def two_apart(p: EthereumPayer) -> set[str]:
         async def run() -> set[str]:
             first = asyncio.ensure_future(p.pay(Wallet.generate().address, Decimal("0.01"), reference="a"))
@@ -119,5 +121,7 @@ def test_a_closing_payer_gathers_payments_arriving_apart_into_one_transaction(an
 
     assert len(two_apart(payer(anvil, tmp_path, batch=True))) == 2  # the 50 ms window of these tests
     lingering = payer(anvil, tmp_path, batch=True)
-    lingering.linger(1.0)
+    lingering.linger(30.0, 2)
+    started = time.monotonic()
     assert len(two_apart(lingering)) == 1
+    assert time.monotonic() - started < 15  # not the 30 s window: both had arrived

@@ -308,6 +308,7 @@ def test_terminate_during_a_cancelled_start_leaves_no_container(docker_client):
 
     async def main(delay: float) -> None:
         activity = _activity(runtime)
+        await activity.deploy()
         start = asyncio.create_task(activity.start())
         await asyncio.sleep(delay)  # the engine call runs in a thread, past cancellation
         start.cancel()
@@ -331,6 +332,8 @@ def test_image_that_cannot_run_the_entry_script_fails_clearly(docker_client, tmp
     try:
         async def main() -> None:
             broken = _activity(runtime, no_python)
+            with dask.config.set({"golem.provider.allowed-images": [no_python]}):
+                await broken.deploy()
             with pytest.raises(ActivityError, match="docker could not start golem-dask-test:no-python"):
                 await broken.start()
             await broken.terminate()
@@ -408,6 +411,7 @@ def test_links_a_worker_makes_in_its_container_are_never_followed(docker_client,
 
     async def main() -> None:
         activity = _activity(agent.runtime)
+        await activity.deploy()
         await activity.start()
         try:
             (container,) = our_containers(docker_client)
@@ -444,7 +448,7 @@ def test_the_daemon_sells_hardened_containers_on_the_bridge_by_default(tmp_path)
 def test_deploy_refuses_an_image_the_provider_does_not_sell(docker_client, tmp_path):
     """A demand may name any image on the provider's machine: only the provider's worker
     image and those it allows run; an image built from the worker image (it inherits its
-    labels) is another image."""
+    labels) is another image; and nothing starts that deploy has not checked."""
     import asyncio
 
     from golem_dask.image import BASE_TAG, build_base
@@ -457,6 +461,10 @@ def test_deploy_refuses_an_image_the_provider_does_not_sell(docker_client, tmp_p
         for image in (BASE_TAG, derived):
             with pytest.raises(ActivityError, match=f"image {image} is not an image this provider sells"):
                 await _activity(runtime, image).deploy()
+            skipping = _activity(runtime, image)  # an exe-script that starts without deploying
+            with pytest.raises(ActivityError, match="start before deploy"):
+                await skipping.start()
+            await skipping.terminate()
         assert default_tag() in await _activity(runtime, default_tag()).deploy()
         with dask.config.set({"golem.provider.allowed-images": [BASE_TAG]}):
             assert BASE_TAG in await _activity(runtime, BASE_TAG).deploy()

@@ -8,6 +8,8 @@ from the payer with ``transferFrom``, so the payer approves it once, for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from golem_dask.chain.units import from_wei
@@ -17,6 +19,49 @@ from golem_dask.payment.sender import Sender
 
 #: Payees per batch transaction (the batch contract's limit).
 BATCH_MAX = 256
+
+
+class Gathering:
+    """How long a settle waits for other debts to join its batch: ``window_s``, and no
+    longer once the debts :meth:`expect` announced have all arrived.
+
+    Examples
+    --------
+    >>> async def closing():
+    ...     g = Gathering(0.0)
+    ...     g.expect(2, window_s=5.0)
+    ...     loop = asyncio.get_running_loop()
+    ...     loop.call_later(0.01, g.arrived); loop.call_later(0.02, g.arrived)
+    ...     started = loop.time()
+    ...     await g.wait()
+    ...     return loop.time() - started < 1
+    >>> asyncio.run(closing())
+    True
+    """
+
+    def __init__(self, window_s: float | None) -> None:
+        self.window_s = window_s or 0.0
+        self._expected = 0
+        self._arrived = 0
+        self._arrival: asyncio.Event | None = None
+
+    def expect(self, debts: int, window_s: float) -> None:
+        """From now on gather for up to ``window_s``, until ``debts`` more have arrived."""
+        self.window_s = max(self.window_s, window_s)
+        self._expected, self._arrived = debts, 0
+
+    def arrived(self) -> None:
+        self._arrived += 1
+        if self._arrival is not None:
+            self._arrival.set()
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window_s
+        while not (self._expected and self._arrived >= self._expected) and loop.time() < deadline:
+            self._arrival = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), deadline - loop.time())
 
 
 def pack_payment(debt: Debt) -> int:

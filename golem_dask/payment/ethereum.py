@@ -30,6 +30,7 @@ from golem_dask.chain.units import address as checked_address
 from golem_dask.chain.units import from_wei, to_wei
 from golem_dask.errors import ConfigError, PaymentError
 from golem_dask.payment.base import Payer, Transfer
+from golem_dask.payment.batcher import Gathering
 from golem_dask.payment.connection import Connection
 from golem_dask.payment.fees import GWEI, FeePolicy
 from golem_dask.payment.ledger import OWED, PAID, Debt, Ledger, PaymentRecord
@@ -132,7 +133,7 @@ class EthereumPayer(Payer):
             raise ConfigError("receipt_timeout and poll_interval must be positive")
         self.platform = platform
         self._wallet = wallet
-        self._batch_window_s = config.seconds("payment.batch-window", batch_window_s)
+        self._gathering = Gathering(config.seconds("payment.batch-window", batch_window_s))
         self._on_step = on_step
         #: Every debt and payment, written before money moves.
         self.ledger = ledger if ledger is not None else Ledger(":memory:")
@@ -272,6 +273,7 @@ class EthereumPayer(Payer):
         )
         if debt.payee != payee or debt.amount_wei != wei:
             raise PaymentError(f"invoice {reference} is already owed with other terms ({debt.payee}, {debt.amount})")
+        self._gathering.arrived()
         if self._on_step is not None:
             self._on_step("debt")
         await self._ensure_started()
@@ -288,10 +290,10 @@ class EthereumPayer(Payer):
         assert record.confirmed_hash is not None and record.block_number is not None
         return Transfer(payee=payee, amount_wei=wei, tx_hash=record.confirmed_hash, block_number=record.block_number)
 
-    def linger(self, seconds: float) -> None:
-        """Gather payments for at least ``seconds`` before each batch from now on (a
-        closing cluster's final invoices arrive over a moment)."""
-        self._batch_window_s = max(self._batch_window_s or 0.0, seconds)
+    def linger(self, seconds: float, debts: int) -> None:
+        """Gather payments for up to ``seconds`` before each batch from now on, or until
+        ``debts`` more are owed (a closing cluster's final invoices arrive over a moment)."""
+        self._gathering.expect(debts, seconds)
 
     async def settle(self) -> list[PaymentRecord]:
         """Reconcile unfinished payments with the chain, then pay every owed debt.
@@ -306,8 +308,7 @@ class EthereumPayer(Payer):
         async with self._pay_lock():
             if for_debt is not None and (await asyncio.to_thread(self.ledger.debt, for_debt)).status != OWED:
                 return []  # the settle before ours paid it (or has it in flight): nothing to wait for
-            if self._batch_window_s:
-                await asyncio.sleep(self._batch_window_s)  # let concurrent debts join
+            await self._gathering.wait()  # let concurrent debts join
             return await asyncio.to_thread(self._session.get().settle)
 
     def owed(self) -> list[Debt]:

@@ -61,6 +61,7 @@ class Deal:
         self.meter = UsageMeter()
         self.ending = False  # terminate() began: the slice is free again
         self.stopped = False  # the activity was stopped
+        self.deployed = False  # the image passed its checks: only then may the activity start
         self.invoice: Invoice | None = None
         self._send = send
         self._interval_s = debit_note_interval_s
@@ -113,8 +114,12 @@ class Deal:
     async def _command(self, act: RuntimeActivity, cmd: ExeCommand) -> str:
         if cmd.command == "deploy":
             output = await act.deploy()
+            self.deployed = True
             await self.state(ActivityState.DEPLOYED)
         elif cmd.command == "start":
+            if not self.deployed:
+                raise ActivityError("start before deploy: the exe-script must deploy its image first, which checks "
+                                    "that this provider runs it")
             output = await act.start()
             await self.state(ActivityState.READY)
         elif cmd.command == "run":

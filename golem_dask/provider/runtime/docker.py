@@ -134,6 +134,7 @@ class DockerActivity(RuntimeActivity):
         # arrives mid-creation (a cancelled start) waits for the container, then removes it.
         self._engine_lock = threading.Lock()
         self._terminated = False
+        self._image_id: str | None = None  # what deploy checked: the container runs this, by id
 
     async def deploy(self) -> str:
         image = await self.runtime.check_image(self.image)
@@ -141,6 +142,7 @@ class DockerActivity(RuntimeActivity):
             self._check_sold(image, await self.runtime.check_image())
         if self.versions is not None:
             self._check_versions(image)
+        self._image_id = image.id
         return f"image {self.image} ({image.short_id})"
 
     def _check_sold(self, image: Any, own: Any) -> None:
@@ -217,9 +219,11 @@ class DockerActivity(RuntimeActivity):
         with self._engine_lock:
             if self._terminated:
                 raise ActivityError("the activity was terminated while it started")
+            if self._image_id is None:
+                raise ActivityError("start before deploy: the image must pass its checks first")
             try:
                 created = api.create_container(
-                    self.image,
+                    self._image_id,
                     ["python", f"{SANDBOX}/{CONTROL_DIR}/entry.py", f"{SANDBOX}/{CONTROL_DIR}/order"],
                     name=f"golem-{self.activity_id[:12]}",
                     user=f"{rt.user[0]}:{rt.user[1]}",
