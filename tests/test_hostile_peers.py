@@ -238,7 +238,7 @@ def test_a_requestor_cannot_announce_one_transfer_for_two_invoices(anvil, tmp_pa
     assert balance(anvil, provider) == Decimal("0.01")
 
 
-def test_only_its_requestor_accepts_or_rejects_an_invoice_and_a_partial_acceptance_is_what_is_due(
+def test_only_its_requestor_accepts_rejects_or_announces_payment_and_a_partial_acceptance_is_what_is_due(
         anvil, tmp_path):  # noqa: F811
     from golem_dask.chain.deploy import fund
     from golem_dask.payment.ethereum import EthereumPayer
@@ -274,6 +274,17 @@ def test_only_its_requestor_accepts_or_rejects_an_invoice_and_a_partial_acceptan
                 assert (await alice.call(provider, "on_accepted", invoice_id, Decimal("0.004")))["ok"]
                 payer = EthereumPayer(anvil.web3(), wallet=alice_wallet, token_address=anvil.contracts["token"])
                 paid = await payer.pay(provider, Decimal("0.004"), reference="the accepted share")
+                # Mallory saw alice's transfer on chain: announcing it for alice's agreement, or for
+                # nothing, is refused; for an agreement of its own it credits nothing (mallory paid
+                # nothing in it) and leaves the hash free for alice.
+                own = await mallory.agreement()
+                assert (await mallory.call(provider, "approve", own))["ok"]
+                for name, named in (("alice's", dict(agreement_ids=(agreement.id,))), ("nothing", {}),
+                                    ("its own", dict(agreement_ids=(own.id,)))):
+                    squat = Payment(mallory.wallet.address, provider, Decimal("0.004"), "erc20-devnet-glm", (),
+                                    paid.tx_hash, **named)
+                    reply = await mallory.call(provider, "on_payment", squat)
+                    errors[f"on_payment for {name}"] = "" if reply["ok"] else reply["error"]
                 payment = Payment(alice_wallet.address, provider, Decimal("0.004"), "erc20-devnet-glm", (invoice_id,),
                                   paid.tx_hash, agreement_ids=(agreement.id,))
                 assert (await alice.call(provider, "on_payment", payment))["ok"]
@@ -281,8 +292,9 @@ def test_only_its_requestor_accepts_or_rejects_an_invoice_and_a_partial_acceptan
 
         agreement_id, errors = run(main())
         wait_until(lambda: invoice_row(agreement_id)[1] == "paid", 30, "the accepted share to settle the invoice")
-    for method in ("on_accepted", "on_rejected"):
+    for method in ("on_accepted", "on_rejected", "on_payment for alice's", "on_payment for nothing"):
         assert "is not" in errors[method], errors[method]
+    assert errors["on_payment for its own"] == ""
     assert invoice_row(agreement_id)[2] == str(to_wei(Decimal("0.004")))  # what was due, after alice's acceptance
 
 

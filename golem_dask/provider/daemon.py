@@ -202,17 +202,34 @@ class ProviderDaemon:
             agreement = agent.agreement_of(str(args[0]))
             owner = self._requestors.get(agreement.id) if agreement else None
         elif method == "on_payment":
-            owner = args[0].payer_addr if isinstance(args[0], Payment) else None
+            # Its payer announces it, for agreements of its own here and nothing else.
+            payment = args[0] if isinstance(args[0], Payment) else None
+            owner = payment.payer_addr if payment is not None else None
+            named = [(a, None) for a in payment.agreement_ids] + [(None, i) for i in payment.invoice_ids] \
+                if payment is not None else []
+            for agreement_id, invoice_id in named if owner == caller else ():
+                if await self._requestor(agreement_id, invoice_id) != caller:
+                    owner = None
+                    break
+            if not named:
+                owner = None
         elif method in ("on_accepted", "on_rejected"):
             # Accepting or rejecting a document moves what this provider is owed: its addressee only.
             document_id = str(args[0]) if args else ""
-            owner = self._addressees.get(document_id)
-            if owner is None:  # off the loop: the store's lock may be held by a commit in a thread
-                owner = await asyncio.to_thread(self.receivables.requestor_of, document_id)
+            owner = await self._requestor(None, document_id)
         else:
             return  # on_proposal concerns nothing of anyone else
         if owner != caller:
             raise MarketError(f"{method} refused: that is not {caller}'s agreement")
+
+    async def _requestor(self, agreement_id: str | None, invoice_id: str | None) -> str | None:
+        """Who an agreement (or an invoice) of this provider is with: approved since this
+        daemon started, or invoiced before (read off the event loop)."""
+        if agreement_id is not None:
+            return self._requestors.get(agreement_id) or await asyncio.to_thread(
+                self.receivables.requestor_of_agreement, agreement_id)
+        return self._addressees.get(str(invoice_id)) or await asyncio.to_thread(
+            self.receivables.requestor_of, str(invoice_id))
 
     async def _answer(self, caller: str, payload: dict[str, Any]) -> None:
         method, args = str(payload.get("method")), list(payload.get("args") or [])

@@ -139,6 +139,10 @@ class Receivables:
         rows = self._rows("SELECT requestor FROM invoices WHERE id = ?", (invoice_id,))
         return str(rows[0][0]) if rows else None
 
+    def requestor_of_agreement(self, agreement_id: str) -> str | None:
+        rows = self._rows("SELECT requestor FROM invoices WHERE agreement_id = ?", (agreement_id,))
+        return str(rows[0][0]) if rows else None
+
     def status(self, invoice_id: str) -> str | None:
         rows = self._rows("SELECT status FROM invoices WHERE id = ?", (invoice_id,))
         return str(rows[0][0]) if rows else None
@@ -153,6 +157,8 @@ class Receivables:
         transaction: to the agreements it names (directly or through our invoices), each at
         most what it still owes (unbilled agreements: what the payment claims), and the
         transaction at most what it moved, over every announcement of it."""
+        if moved_wei <= 0:  # nothing of it is ours to count: its hash stays free for its real payer
+            return Credit(payment.tx_hash, Decimal(0), (), ())
         agreements = list(payment.agreement_ids)
         if not agreements and payment.invoice_ids:
             marks = ",".join("?" * len(payment.invoice_ids))
