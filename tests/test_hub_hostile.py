@@ -284,6 +284,27 @@ def test_a_provider_cannot_publish_for_another(hub) -> None:
     assert_hub_serves(hub)
 
 
+def test_a_provider_cannot_take_over_anothers_offer_id(hub) -> None:
+    """Publishing under another provider's offer id, then withdrawing it, would take that
+    provider's offer off the market for every requestor."""
+    theirs = Offer({"golem.inf.cpu.threads": 4}, "(&)", ALICE.address)
+    with connect(hub) as alice, connect(hub) as s:
+        hello(alice, ALICE, "provider")
+        alice.sendall(signed("publish", theirs, ALICE))  # answered only when refused
+        deadline = time.monotonic() + 5
+        while theirs.id not in hub.hub.book.offers:
+            assert time.monotonic() < deadline, "alice's offer never reached the book"
+            time.sleep(0.01)
+        hello(s, MALLORY, "provider")
+        before = hub.refused
+        reply = request(s, "publish", Offer({"golem.inf.cpu.threads": 64}, "(&)", MALLORY.address, id=theirs.id),
+                        MALLORY)
+        assert reply.kind == "error" and "another provider's" in str(wire.verify(reply))
+        assert hub.refused == before + 1
+        assert hub.hub.book.offers[theirs.id].provider == ALICE.address
+    assert_hub_serves(hub)
+
+
 def test_report_inputs_tried() -> None:
     # Runs last in this module: the figure goes into the closing note.
     print(f"\nhostile inputs tried: {dict(TRIED)} total {sum(TRIED.values())}")

@@ -330,6 +330,9 @@ class OfferBook:
     def publish(self, provider: str, envelope: wire.Envelope, offer: Any) -> None:
         if not isinstance(offer, Offer) or offer.provider_id != provider:
             raise ProtocolError("only a provider may publish, and only its own offers")
+        held = self.offers.get(offer.id)
+        if held is not None and held.provider != provider:  # else it could withdraw the other's
+            raise ProtocolError(f"offer id {offer.id} is another provider's: publish under an id of your own")
         stored = _StoredOffer(offer, wire.frame(envelope), provider, time.monotonic())
         if len(stored.frame) > self.budget:
             # Offers travel inside the hub's notices, which must fit in a frame too.
