@@ -1,6 +1,7 @@
 """The order in which golem-dask accepts a yagna agreement's documents, against a recorded
 daemon: the daemon pays a debit note and an invoice accepted for one payment cycle both in
-full, so an invoice waits until the accepted debit notes are paid."""
+full, so an invoice waits until the accepted debit notes are paid; and a document the daemon
+fails to serve once is asked for again."""
 
 from __future__ import annotations
 
@@ -91,3 +92,49 @@ def test_an_invoice_acceptance_outlives_a_cancelled_caller_and_close_waits_for_i
     with dask.config.set({"golem.yagna.payment-poll-interval": "20ms"}):
         asyncio.run(main())
     assert daemon.calls[-1] == f"POST /payment-api/v1/invoices/{bill.id}/accept"
+
+
+class FlakyDaemon(RecordedDaemon):
+    """An invoice event whose document the daemon cannot serve at the first asking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from datetime import UTC, datetime
+
+        self.since = datetime(2025, 12, 31, tzinfo=UTC)
+        self.failures = 1
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        from golem_dask.errors import NetworkError
+
+        self.calls.append(f"{method} {path}")
+        if path == "/payment-api/v1/invoiceEvents":
+            if kwargs["params"]["afterTimestamp"] >= "2026-01-01T00:00:01Z":
+                await asyncio.sleep(3600)  # nothing newer: the long poll waits
+            return [{"eventType": "InvoiceReceivedEvent", "invoiceId": "inv-1", "eventDate": "2026-01-01T00:00:01Z"}]
+        if path == "/payment-api/v1/invoices/inv-1":
+            if self.failures:
+                self.failures -= 1
+                raise NetworkError("connection reset by the daemon")
+            return {"invoiceId": "inv-1", "agreementId": "agr", "amount": "3", "issuerId": "0x" + "11" * 20,
+                    "recipientId": "0x" + "22" * 20, "payeeAddr": "0x" + "11" * 20, "payerAddr": "0x" + "22" * 20,
+                    "paymentPlatform": "erc20-hoodi-tglm", "timestamp": "2026-01-01T00:00:01Z"}
+        if path == "/payment-api/v1/debitNoteEvents":
+            await asyncio.sleep(3600)
+        return None
+
+
+def test_a_document_the_daemon_fails_to_serve_once_is_asked_for_again() -> None:
+    daemon = FlakyDaemon()
+    docs = documents(daemon)
+
+    async def main() -> Any:
+        docs.start()
+        try:
+            return await asyncio.wait_for(anext(docs.events()), 10)
+        finally:
+            await docs.close()
+
+    received = asyncio.run(main())
+    assert isinstance(received, Invoice) and received.id == "inv-1" and received.amount == Decimal(3)
+    assert daemon.calls.count("GET /payment-api/v1/invoices/inv-1") == 2

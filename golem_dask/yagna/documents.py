@@ -93,16 +93,23 @@ class Documents:
                 await asyncio.sleep(1)
                 continue
             for event in found if isinstance(found, list) else []:
-                after = str(event.get("eventDate") or after)
                 if event.get("eventType") != received or event.get(id_field) in self._seen:
+                    after = str(event.get("eventDate") or after)
                     continue
                 document_id = str(event[id_field])
                 try:
                     body = await self.api.call("GET", f"/payment-api/v1/{path}/{document_id}")
                     document = self._document(path, body)
                 except (MarketError, ProtocolError, KeyError) as e:
+                    if isinstance(e, NetworkError) or (isinstance(e, YagnaError) and e.status >= 500):
+                        # Not past this event: the next poll asks for the document again.
+                        logger.info("reading %s %s from the daemon: %s; trying again", path, document_id, e)
+                        await asyncio.sleep(1)
+                        break
+                    after = str(event.get("eventDate") or after)
                     logger.warning("dropping %s %s from the daemon: %s", path, document_id, e)
                     continue
+                after = str(event.get("eventDate") or after)
                 self._seen.add(document_id)
                 if isinstance(document, Invoice):
                     self._invoiced.add(document.agreement_id)
