@@ -12,6 +12,7 @@ own, name both parties, and be approved: anything else is refused and terminated
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -73,6 +74,8 @@ class YagnaMarket(Market):
         self.documents = Documents(daemon, self._usage_vector, self.terminate_agreement)
         self._started = False
         self._closed = False
+        #: Agreements given up mid-confirmation, being cancelled or terminated on the daemon.
+        self._abandoning: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"YagnaMarket({self.api.url!r}, subnet={self.subnet!r})"
@@ -91,6 +94,8 @@ class YagnaMarket(Market):
             with contextlib.suppress(Exception):
                 await self.unsubscribe(sub_id)
         await self.activities.close()
+        if self._abandoning:
+            await asyncio.wait(set(self._abandoning), timeout=config.seconds("yagna.call-timeout"))
         await self.documents.close()
         await self.daemon.close()
 
@@ -177,8 +182,22 @@ class YagnaMarket(Market):
                 why = "did not approve it in time" if e.status == 408 else f"did not approve it: {e}"
                 raise ProposalRejected(f"provider {agreement.provider_id} {why}") from None
             return await self._checked(agreement_id, agreement.offer, AgreementState.APPROVED)
+        except (ProposalRejected, MarketError, asyncio.CancelledError) as e:
+            if not isinstance(e, ProposalRejected):  # the daemon may have it approved: end it there
+                task = asyncio.ensure_future(self._abandon(agreement_id, f"{type(e).__name__}: {e}"))
+                self._abandoning.add(task)
+                task.add_done_callback(self._abandoning.discard)
+            raise
         finally:
             self.proposals.release(agreement.offer.id)
+
+    async def _abandon(self, agreement_id: str, why: str) -> None:
+        """Cancel an agreement whose confirmation failed half-way, or terminate it if the
+        provider approved it meanwhile, so it does not hold the provider until it expires."""
+        with contextlib.suppress(MarketError):
+            await self.api.call("POST", f"/market-api/v1/agreements/{agreement_id}/cancel", ok=(*OK, 404, 409, 410))
+        with contextlib.suppress(MarketError):
+            await self.terminate_agreement(agreement_id, f"confirmation failed: {why}")
 
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
         await self.api.call("POST", f"/market-api/v1/agreements/{agreement_id}/terminate",
