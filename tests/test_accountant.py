@@ -89,7 +89,7 @@ class RecordingMarket:
         self.answers.append(("payment", str(payment.tx_hash)))  # type: ignore[attr-defined]
 
 
-def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
+def test_a_late_invoice_is_paid_once_even_after_a_cancelled_wait_and_the_wait_frees_the_budget() -> None:
     import asyncio
     import time
 
@@ -113,6 +113,13 @@ def test_a_late_invoice_is_paid_once_and_the_wait_frees_the_budget() -> None:
         accountant.accounts["a1"] = acc
         market = RecordingMarket()
 
+        # A close that gives up waiting (its own timeout cancels the settle) leaves the
+        # invoice to be paid when it comes, as the settle's own timeout does.
+        waiting = asyncio.ensure_future(accountant.settle(market, "a1", 60))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert acc.status is EntryStatus.AWAITING_INVOICE
         # No invoice in time: nothing paid, and only what an invoice could rightly ask stays held.
         await accountant.settle(market, "a1", 0.05)
         assert acc.status is EntryStatus.AWAITING_INVOICE and acc.amount == 0

@@ -207,13 +207,9 @@ class Accountant:
     def open(self, agreement: Agreement, worker: str, reservation: str) -> AgreementAccount:
         """Start keeping an account for a newly signed agreement."""
         resources = P.Resources.from_properties(agreement.demand.properties)
-        account = AgreementAccount(
-            agreement=agreement,
-            pricing=LinearPricing.from_properties(agreement.offer.properties),
-            worker=worker,
-            threads=resources.cpu_threads,
-            reserve=self.budget.reserved_for(reservation),
-        )
+        account = AgreementAccount(agreement=agreement, pricing=LinearPricing.from_properties(agreement.offer.properties),
+                                   worker=worker, threads=resources.cpu_threads,
+                                   reserve=self.budget.reserved_for(reservation))
         self.accounts[agreement.id] = account
         self.budget.rekey(reservation, agreement.id)
         if self.commitments is not None:
@@ -318,14 +314,15 @@ class Accountant:
         try:
             if not account.invoice_arrived.is_set():
                 await asyncio.wait_for(account.invoice_arrived.wait(), timeout_s)
+        except asyncio.CancelledError:  # the worker's close timed out: the invoice is paid when it comes
+            account.status = EntryStatus.AWAITING_INVOICE
+            raise
         except asyncio.TimeoutError:
-            # The provider may be gone, or slow: keep only what an invoice could still
-            # rightly ask (our own metering plus the tolerance), so the rest of the budget
-            # serves other workers, and pay a late invoice when it comes (on_document).
+            # Provider gone or slow: hold only what an invoice could rightly ask (metering plus
+            # tolerance; on_document pays a late one), and pay the accepted debit notes now.
             held = max_due(account, self.tolerance)
             self.budget.shrink(agreement_id, held)
             account.status = EntryStatus.AWAITING_INVOICE
-            # What its debit notes said and we accepted is owed whatever happens next.
             async with account.checking:
                 paid = await self._pay_accepted(market, account)
             account.reason = (f"no invoice within {timeout_s}s" + (f"; paid {plain(paid)} GLM of accepted debit notes"
