@@ -209,3 +209,51 @@ def test_a_payer_without_a_ledger_does_not_promise_payments_as_it_goes() -> None
     assert stripped.payment_interval_s is None and P.PAYMENT_TIMEOUT not in stripped.build("0xabc", 0).properties
     assert stripped.reserve_s == spec.lifetime_s  # the budget then reserves the whole lifetime
     assert "keeps no ledger" in str(events.of_kind("warning")[0])
+
+
+def test_an_invoice_owed_in_part_is_rejected_on_a_market_that_takes_it_whole_or_not() -> None:
+    """The budget covers only part of an invoice: a market that accepts a part is told that
+    part and it is paid; the yagna daemon refuses a part (400), so there it is rejected,
+    with the reason, rather than left neither accepted nor paid."""
+    import asyncio
+    import time
+
+    from eth_account import Account
+
+    from golem_dask.payment.accountant import Accountant
+    from golem_dask.payment.budget import Budget
+    from golem_dask.payment.ethereum import EthereumPayer
+    from golem_dask.protocol.messages import Invoice
+
+    class WholeOnly(RecordingMarket):
+        accepts_part = False
+
+    def settle(market: RecordingMarket) -> tuple[AgreementAccount, Decimal]:
+        async def main() -> tuple[AgreementAccount, Decimal]:
+            payee = Account.create().address
+            payer = EthereumPayer.embedded(Decimal(2))
+            budget = Budget(Decimal("0.0004"))
+            budget.reserve("a1", Decimal("0.0004"))
+            accountant = Accountant(payer, budget, Tolerance())
+            acc = account(duration=10.0, observed_cpu="5", threads=1)
+            acc.started, acc.stopped = time.time() - 10, time.time()
+            acc.agreement = Agreement("a1", acc.agreement.demand, acc.agreement.offer, payer.address, payee, 0)
+            accountant.accounts["a1"] = acc
+            u = usage("5", "10")
+            invoice = Invoice("a1", ("act",), u, PRICING.cost(u), payee, payer.address, payee, payer.address, "devnet")
+            await accountant.on_document(market, invoice)
+            await accountant.settle(market, "a1", 1)
+            paid = await payer.balance(payee)
+            await payer.close()
+            return acc, paid
+
+        return asyncio.run(main())
+
+    assert PRICING.cost(usage("5", "10")) > Decimal("0.0004")
+    partial = RecordingMarket()
+    acc, paid = settle(partial)
+    assert partial.answers[0] == ("accept", "0.0004") and paid == Decimal("0.0004") and acc.status is EntryStatus.PAID
+    whole = WholeOnly()
+    acc, paid = settle(whole)
+    assert [a[0] for a in whole.answers] == ["reject"] and paid == 0 and acc.status is EntryStatus.REJECTED
+    assert "budget" in whole.answers[0][1] and "whole or not" in whole.answers[0][1]

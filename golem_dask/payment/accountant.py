@@ -207,8 +207,8 @@ class Accountant:
     def open(self, agreement: Agreement, worker: str, reservation: str) -> AgreementAccount:
         """Start keeping an account for a newly signed agreement."""
         resources = P.Resources.from_properties(agreement.demand.properties)
-        account = AgreementAccount(agreement=agreement, pricing=LinearPricing.from_properties(agreement.offer.properties),
-                                   worker=worker, threads=resources.cpu_threads,
+        pricing = LinearPricing.from_properties(agreement.offer.properties)
+        account = AgreementAccount(agreement=agreement, pricing=pricing, worker=worker, threads=resources.cpu_threads,
                                    reserve=self.budget.reserved_for(reservation))
         self.accounts[agreement.id] = account
         self.budget.rekey(reservation, agreement.id)
@@ -350,14 +350,7 @@ class Accountant:
         if reason is None and invoice.payee_addr != account.agreement.provider_id:
             reason = f"payee {invoice.payee_addr} is not the agreement's provider"
         if reason is not None:
-            account.status = EntryStatus.REJECTED
-            account.reason = reason
-            self.budget.release(agreement_id)
-            self._emit("invoice", f"rejected invoice of {invoice.amount} GLM from {account.worker}: {reason}")
-            self._close(agreement_id)
-            await _tell(market.reject(invoice, reason), "rejecting an invoice")
-            account.settled.set()
-            return account
+            return await self._refuse(market, account, invoice, reason)
         accepted = invoice.amount
         if account.delivered_share is not None:
             accepted = min(accepted, delivered_cap(invoice, account, self.tolerance))
@@ -371,6 +364,8 @@ class Accountant:
                               f"{plain(self.budget.total)} GLM is spent")
             self._emit("budget", f"{account.worker}: {account.reason}")
             accepted = holds
+        if accepted < invoice.amount and not getattr(market, "accepts_part", True):
+            return await self._refuse(market, account, invoice, f"{account.reason}; this market takes it whole or not")
         account.amount = accepted
         self._commit(invoice.id, agreement_id, "invoice", accepted)
         await _tell(market.accept(invoice, accepted), "accepting an invoice")
@@ -382,6 +377,15 @@ class Accountant:
             account.settled.set()
             return account
         await self._pay(market, account, invoice, due)
+        return account
+
+    async def _refuse(self, market: Any, account: AgreementAccount, invoice: Invoice, reason: str) -> AgreementAccount:
+        account.status, account.reason = EntryStatus.REJECTED, reason
+        self.budget.release(account.agreement.id)
+        self._emit("invoice", f"rejected invoice of {invoice.amount} GLM from {account.worker}: {reason}")
+        self._close(account.agreement.id)
+        await _tell(market.reject(invoice, reason), "rejecting an invoice")
+        account.settled.set()
         return account
 
     async def _answer_again(self, market: Any, account: AgreementAccount) -> None:
@@ -396,9 +400,8 @@ class Accountant:
                 await _tell(market.notify_payment(payment), f"announcing payment {payment.tx_hash} again")
 
     async def _pay_accepted(self, market: Any, account: AgreementAccount) -> Decimal:
-        """Pay the last accepted debit note of an agreement whose invoice did not come
-        (a provider that died: it is paid for the time its notes showed); returns what
-        this paid."""
+        """Pay the last accepted debit note of an agreement whose invoice did not come (a
+        provider that died is paid for the time its notes showed); what this paid."""
         note = account.last_debit_note
         if note is None:
             return Decimal(0)

@@ -58,6 +58,8 @@ class YagnaMarket(Market):
     #: as they are, inside the daemons' own messages.
     seals_secrets = False
     bills_whole_activity = True
+    #: The daemon accepts a debit note or invoice only for its whole amount (400 otherwise).
+    accepts_part = False
     unreachable_hint = ("a provider's VM on the public Golem network cannot connect to this machine: the "
                         "scheduler must run in a rented VM with the workers on a VPN, which golem-dask does not "
                         "do yet (README, 'How workers reach a scheduler'); providers you run yourself on a "
