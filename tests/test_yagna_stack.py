@@ -131,3 +131,36 @@ def test_close_leaves_no_process_and_no_directory():
     assert repr(stack) == "YagnaStack(stopped)"
     with pytest.raises(RuntimeError, match="closed"):
         stack.start()
+
+
+def test_a_long_cluster_extends_its_allocation_before_the_daemon_releases_it(yagna_stack):  # noqa: F811
+    """The daemon releases an allocation at its timeout, after which nothing is accepted from
+    it: the session extends it once half its lifetime has passed."""
+    import asyncio
+
+    import dask
+
+    from golem_dask.yagna.api import YagnaDaemon
+
+    def timeout_of(allocation_id: str) -> str:
+        with yagna_stack.session(yagna_stack.requestor_key) as s:
+            found = s.get(f"{yagna_stack.api_url}/payment-api/v1/allocations/{allocation_id}", timeout=30)
+            assert found.status_code == 200, found.text
+            return str(found.json()["timeout"])
+
+    async def main() -> tuple[str, str, str]:
+        daemon = YagnaDaemon(Decimal(1), yagna_stack.platform, yagna_stack.api_url, yagna_stack.requestor_key)
+        await daemon.start()
+        try:
+            first = await daemon.allocation()
+            before = timeout_of(first)
+            await asyncio.sleep(2.5)  # past half of its 4 s
+            assert await daemon.allocation() == first
+            return first, before, timeout_of(first)
+        finally:
+            await daemon.close()
+
+    with dask.config.set({"golem.yagna.allocation-lifetime": "4s"}):
+        allocation, before, after = asyncio.run(main())
+    assert after > before  # ISO times of one format order as they read
+    assert allocation not in allocation_ids(yagna_stack)  # released at close

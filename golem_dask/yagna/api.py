@@ -200,6 +200,7 @@ class YagnaDaemon:
         self.platform = platform
         self.identity = whoami(self.api.url, self.api._key)
         self._allocation: str | None = None
+        self._allocation_until = utc_now()
         self._lock = asyncio.Lock()
         self._users = 0
         #: Activities per agreement (the daemon's payments name activities, not agreements).
@@ -232,10 +233,12 @@ class YagnaDaemon:
         await self.api.close()
 
     async def allocation(self) -> str:
-        """The allocation holding the budget, made on first use."""
+        """The allocation holding the budget, made on first use, and extended by another
+        ``golem.yagna.allocation-lifetime`` once half of it has passed: the daemon releases
+        an expired allocation, and then accepts nothing more from it."""
         async with self._lock:
+            lifetime = timedelta(seconds=config.seconds("yagna.allocation-lifetime"))
             if self._allocation is None:
-                lifetime = timedelta(seconds=config.seconds("yagna.allocation-lifetime"))
                 made = await self.api.call("POST", "/payment-api/v1/allocations", body={
                     "totalAmount": amount_text(self.budget),
                     "paymentPlatform": self.platform,
@@ -243,8 +246,17 @@ class YagnaDaemon:
                     "timeout": iso(utc_now() + lifetime),
                     "makeDeposit": False,
                 })
-                self._allocation = str(made["allocationId"])
+                self._allocation, self._allocation_until = str(made["allocationId"]), utc_now() + lifetime
                 logger.info("allocation %s: %s on %s", self._allocation, self.budget, self.platform)
+            elif self._allocation_until - utc_now() < lifetime / 2:
+                until = utc_now() + lifetime
+                try:
+                    await self.api.call("PUT", f"/payment-api/v1/allocations/{self._allocation}",
+                                        body={"timeout": iso(until)})
+                    self._allocation_until = until
+                    logger.info("allocation %s extended to %s", self._allocation, iso(until))
+                except MarketError as e:
+                    logger.warning("could not extend allocation %s: %s", self._allocation, e)
             return self._allocation
 
     async def decorations(self) -> tuple[dict[str, Any], list[str]]:
