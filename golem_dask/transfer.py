@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import queue
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,21 @@ def display_url(url: str) -> str:
     if sep and "@" in rest.split("/", 1)[0]:
         rest = "***@" + rest.split("@", 1)[1]
     return f"{scheme}{sep}{rest}".split("?", 1)[0]
+
+
+_URL_IN_TEXT = re.compile(r"data:[^\s'\"]+|[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` (an error's, say) with every URL in it as :func:`display_url` shows it:
+    a signed URL's query string or credentials never leave in an error message.
+
+    Examples
+    --------
+    >>> scrub_urls("400 for 'https://b.s3.amazonaws.com/k?X-Amz-Signature=abc' (https://u:p@h/x)")
+    "400 for 'https://b.s3.amazonaws.com/k' (https://***@h/x)"
+    """
+    return _URL_IN_TEXT.sub(lambda m: display_url(m.group(0)), text)
 
 
 def open_fs(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:

@@ -166,6 +166,10 @@ def test_a_requestor_cannot_read_or_write_the_providers_files(anvil, tmp_path): 
                     "loopback service": {"from": "http://127.0.0.1:22/", "to": "/golem/input/ssh"},
                     "write a host file": {"from": "/golem/output/x", "to": target.as_uri()},
                     "chained url": {"from": f"simplecache::{private.as_uri()}", "to": "/golem/input/stolen2.txt"},
+                    # The hub relays the error in clear: a signed URL's signature must not be in it.
+                    "signed url": {"from": "http://127.0.0.1:9/k?X-Amz-Signature=SIGNED-SECRET", "to": "/golem/input/k"},
+                    "signed ftp url": {"from": "ftp://u:SIGNED-SECRET@example.org/k?sig=SIGNED-SECRET",
+                                       "to": "/golem/input/k"},
                 }
                 for name, args in attacks.items():
                     activity = (await mallory.call(provider, "create_activity", approved.id))
@@ -195,6 +199,7 @@ def test_a_requestor_cannot_read_or_write_the_providers_files(anvil, tmp_path): 
         assert "transfer refused" in errors[name] and "address" in errors[name], (name, errors[name])
     assert "must be sealed" in errors["in clear"]
     assert SECRET not in " ".join(errors.values())
+    assert "SIGNED-SECRET" not in " ".join(errors.values()), errors
     assert not target.exists()
     assert not list(tmp_path.glob("**/stolen*"))
 

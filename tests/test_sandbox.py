@@ -446,3 +446,39 @@ def test_a_failed_copy_into_the_sandbox_leaves_no_partial_file(tmp_path: Path,
             assert not (tmp_path / "escape.bin").exists()
 
     asyncio.run(main())
+
+
+def test_a_failed_commands_reason_carries_no_signed_url() -> None:
+    """The reason of a failed command travels to the requestor through the hub in clear: a
+    signed URL in the error (an HTTP client's message names the whole URL) is cut to its
+    path there."""
+    from decimal import Decimal
+
+    from golem_dask.protocol.messages import Agreement, ExeCommand, Issuer, Proposal
+    from golem_dask.provider.deal import Deal
+
+    sent: list[object] = []
+
+    class Failing:
+        activity_id = "act-1"
+
+        async def deploy(self) -> str:
+            raise OSError("403, message='Forbidden', url='https://bucket.example/k?X-Amz-Signature=SIGNED-SECRET'")
+
+        async def cpu_seconds(self) -> Decimal:
+            return Decimal(0)
+
+        async def terminate(self, keep_sandbox: bool = False) -> None:
+            return None
+
+    async def send(message: object) -> None:
+        sent.append(message)
+
+    offer = Proposal(Issuer.PROVIDER, {}, "(&)", "o", "d", "0x" + "11" * 20)
+    agreement = Agreement("agr", offer, offer, "0x" + "22" * 20, "0x" + "11" * 20, 0)
+    deal = Deal(agreement, Resources(1, 2**30, 2**30), send, 60, lambda data, aad: data)
+    deal.activity = Failing()  # type: ignore[assignment]
+    with pytest.raises(ActivityError) as info:
+        asyncio.run(deal.exec([ExeCommand("deploy")]))
+    told = " ".join([str(info.value)] + [str(getattr(m, "reason", "")) for m in sent])
+    assert "https://bucket.example/k" in told and "SIGNED-SECRET" not in told, told

@@ -25,6 +25,7 @@ from golem_dask.protocol import properties as P
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.metering import UsageMeter
 from golem_dask.provider.runtime.base import RuntimeActivity
+from golem_dask.transfer import scrub_urls
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ class Deal:
         for index, cmd in enumerate(commands):
             try:
                 outputs.append(await self._command(act, cmd))
-            except Exception as e:
-                reason = f"command {index} ({cmd.command}) failed: {e}"
+            except Exception as e:  # the reason crosses the hub in clear: no signed URL in it
+                reason = scrub_urls(f"command {index} ({cmd.command}) failed: {e}")
                 logger.warning("activity %s: %s", act.activity_id, reason)
                 await self.stop(ActivityState.FAILED, reason)
                 raise ActivityError(reason) from e
