@@ -482,3 +482,21 @@ def test_a_failed_commands_reason_carries_no_signed_url() -> None:
         asyncio.run(deal.exec([ExeCommand("deploy")]))
     told = " ".join([str(info.value)] + [str(getattr(m, "reason", "")) for m in sent])
     assert "https://bucket.example/k" in told and "SIGNED-SECRET" not in told, told
+
+
+@pytest.mark.parametrize("token, why", [
+    ({"type": "service_account", "client_email": "a@b", "private_key": "k",
+      "token_uri": "http://169.254.169.254/computeMetadata/v1/token"}, "'token_uri' must be a Google address"),
+    ({"type": "service_account", "token_uri": "https://oauth2.googleapis.com.evil.example/token"},
+     "'token_uri' must be a Google address"),
+    ({"type": "external_account", "credential_source": {"file": "/etc/provider-secret"}}, "other kinds read files"),
+])
+def test_gs_credentials_cannot_send_the_provider_to_an_address_or_file_of_the_requestors_choice(token, why) -> None:
+    from golem_dask.provider.runtime.policy import TransferPolicy
+
+    policy = TransferPolicy(schemes=frozenset({"gs"}))
+    with pytest.raises(ActivityError, match=why):
+        policy.prepare("gs://bucket/data.csv", {"token": token})
+    good = {"type": "service_account", "client_email": "a@b", "private_key": "k",
+            "token_uri": "https://oauth2.googleapis.com/token"}
+    assert policy.prepare("gs://bucket/data.csv", {"token": good})["token"] == good

@@ -179,11 +179,29 @@ def _credentials_problem(protocol: str, options: Mapping[str, Any]) -> str | Non
         if not (token == "anon" or isinstance(token, Mapping)):
             return ("gs needs the requestor's credentials in storage_options ('token': a dict of service account "
                     "info) or 'token': 'anon'; the provider's own credentials and files are never used")
+        if isinstance(token, Mapping):
+            return _google_token_problem(token)
     elif protocol in ("az", "abfs", "abfss", "adl"):
         own = ("account_key", "sas_token", "connection_string", "client_secret")
         if options.get("anon") is not True and not any(options.get(k) for k in own):
             return (f"{protocol} needs the requestor's credentials in storage_options (one of {', '.join(own)}) or "
                     "'anon': True; the provider's own credentials are never used")
+    return None
+
+
+def _google_token_problem(token: Mapping[str, Any]) -> str | None:
+    """Why a gs ``token`` dict would make the provider read its own files or call an address
+    the requestor chose (other kinds of credentials than these two read files named in them;
+    a ``token_uri`` is where the provider posts to get an access token), if it would."""
+    if token.get("type") not in ("service_account", "authorized_user"):
+        return ("gs 'token' must be service account or authorized user info ('type': 'service_account' or "
+                "'authorized_user'); other kinds read files or addresses on the provider's machine")
+    for key, value in token.items():
+        host = urlsplit(value).hostname or "" if isinstance(value, str) and "://" in value else None
+        if host is not None and not (value.startswith("https://") and (
+                host.endswith(".googleapis.com") or host == "accounts.google.com")):
+            return (f"gs 'token' field {key!r} must be a Google address (https://*.googleapis.com or "
+                    f"accounts.google.com), not {display_url(value)}: the provider would call it")
     return None
 
 
