@@ -448,14 +448,29 @@ def test_a_failed_copy_into_the_sandbox_leaves_no_partial_file(tmp_path: Path,
     asyncio.run(main())
 
 
+def bare_deal(activity: object, sent: list[object] | None = None):  # type: ignore[no-untyped-def]
+    """A provider's Deal for ``activity`` (a stand-in runtime activity), its messages kept in ``sent``."""
+    from golem_dask.protocol.messages import Agreement, Issuer, Proposal
+    from golem_dask.provider.deal import Deal
+
+    async def send(message: object) -> None:
+        if sent is not None:
+            sent.append(message)
+
+    offer = Proposal(Issuer.PROVIDER, {}, "(&)", "o", "d", "0x" + "11" * 20)
+    agreement = Agreement("agr", offer, offer, "0x" + "22" * 20, "0x" + "11" * 20, 0)
+    deal = Deal(agreement, Resources(1, 2**30, 2**30), send, 60, lambda data, aad: data)
+    deal.activity = activity  # type: ignore[assignment]
+    return deal
+
+
 def test_a_failed_commands_reason_carries_no_signed_url() -> None:
     """The reason of a failed command travels to the requestor through the hub in clear: a
     signed URL in the error (an HTTP client's message names the whole URL) is cut to its
     path there."""
     from decimal import Decimal
 
-    from golem_dask.protocol.messages import Agreement, ExeCommand, Issuer, Proposal
-    from golem_dask.provider.deal import Deal
+    from golem_dask.protocol.messages import ExeCommand
 
     sent: list[object] = []
 
@@ -471,13 +486,7 @@ def test_a_failed_commands_reason_carries_no_signed_url() -> None:
         async def terminate(self, keep_sandbox: bool = False) -> None:
             return None
 
-    async def send(message: object) -> None:
-        sent.append(message)
-
-    offer = Proposal(Issuer.PROVIDER, {}, "(&)", "o", "d", "0x" + "11" * 20)
-    agreement = Agreement("agr", offer, offer, "0x" + "22" * 20, "0x" + "11" * 20, 0)
-    deal = Deal(agreement, Resources(1, 2**30, 2**30), send, 60, lambda data, aad: data)
-    deal.activity = Failing()  # type: ignore[assignment]
+    deal = bare_deal(Failing(), sent)
     with pytest.raises(ActivityError) as info:
         asyncio.run(deal.exec([ExeCommand("deploy")]))
     told = " ".join([str(info.value)] + [str(getattr(m, "reason", "")) for m in sent])
@@ -500,3 +509,35 @@ def test_gs_credentials_cannot_send_the_provider_to_an_address_or_file_of_the_re
     good = {"type": "service_account", "client_email": "a@b", "private_key": "k",
             "token_uri": "https://oauth2.googleapis.com/token"}
     assert policy.prepare("gs://bucket/data.csv", {"token": good})["token"] == good
+
+
+def test_an_activity_runs_one_exe_script_at_a_time() -> None:
+    """A requestor that sends many exe-scripts at once (each a slow transfer, say) gets them
+    run one after another: it cannot hold every thread the provider's daemon has."""
+    from decimal import Decimal
+
+    from golem_dask.protocol.messages import ExeCommand
+
+    running, most = 0, 0
+
+    class Slow:
+        activity_id = "act-1"
+
+        async def deploy(self) -> str:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+            return "deployed"
+
+        async def cpu_seconds(self) -> Decimal:
+            return Decimal(0)
+
+    deal = bare_deal(Slow())
+
+    async def main() -> list[list[str]]:
+        return await asyncio.gather(*(deal.exec([ExeCommand("deploy")]) for _ in range(5)))
+
+    assert asyncio.run(main()) == [["deployed"]] * 5
+    assert most == 1

@@ -63,6 +63,7 @@ class Deal:
         self.ending = False  # terminate() began: the slice is free again
         self.stopped = False  # the activity was stopped
         self.deployed = False  # the image passed its checks: only then may the activity start
+        self._exec_lock = asyncio.Lock()  # one exe-script at a time: a requestor cannot hog the transfer threads
         self.invoice: Invoice | None = None
         self._send = send
         self._interval_s = debit_note_interval_s
@@ -102,14 +103,15 @@ class Deal:
         act = self.activity
         assert act is not None
         outputs: list[str] = []
-        for index, cmd in enumerate(commands):
-            try:
-                outputs.append(await self._command(act, cmd))
-            except Exception as e:  # the reason crosses the hub in clear: no signed URL in it
-                reason = scrub_urls(f"command {index} ({cmd.command}) failed: {e}")
-                logger.warning("activity %s: %s", act.activity_id, reason)
-                await self.stop(ActivityState.FAILED, reason)
-                raise ActivityError(reason) from e
+        async with self._exec_lock:
+            for index, cmd in enumerate(commands):
+                try:
+                    outputs.append(await self._command(act, cmd))
+                except Exception as e:  # the reason crosses the hub in clear: no signed URL in it
+                    reason = scrub_urls(f"command {index} ({cmd.command}) failed: {e}")
+                    logger.warning("activity %s: %s", act.activity_id, reason)
+                    await self.stop(ActivityState.FAILED, reason)
+                    raise ActivityError(reason) from e
         return outputs
 
     async def _command(self, act: RuntimeActivity, cmd: ExeCommand) -> str:
