@@ -257,3 +257,49 @@ def test_an_invoice_owed_in_part_is_rejected_on_a_market_that_takes_it_whole_or_
     acc, paid = settle(whole)
     assert [a[0] for a in whole.answers] == ["reject"] and paid == 0 and acc.status is EntryStatus.REJECTED
     assert "budget" in whole.answers[0][1] and "whole or not" in whole.answers[0][1]
+
+
+def test_without_a_ledger_a_late_invoice_pays_only_what_its_accepted_debit_notes_did_not() -> None:
+    """As on the yagna daemon (the payer keeps no ledger): a debit note paid when the invoice
+    was late counts against the invoice that comes after; the bill and the budget show the
+    invoice's amount once, not the note's on top."""
+    import asyncio
+    import time
+
+    from golem_dask.payment.accountant import Accountant
+    from golem_dask.payment.base import Transfer
+    from golem_dask.payment.budget import Budget
+    from golem_dask.protocol.messages import DebitNote, Invoice
+
+    class DaemonPayer:  # pays what it is asked; keeps no ledger
+        address, platform = "0x" + "22" * 20, "erc20-hoodi-tglm"
+
+        def __init__(self) -> None:
+            self.paid: list[Decimal] = []
+
+        async def pay(self, payee: str, amount: Decimal, *, reference: str, agreement_id: str | None = None) -> Transfer:
+            self.paid.append(amount)
+            return Transfer(payee, int(amount * 10**18), "0x" + "ab" * 32, 0)
+
+    async def main() -> tuple[AgreementAccount, DaemonPayer, Budget]:
+        payer = DaemonPayer()
+        budget = Budget(Decimal(1))
+        budget.reserve("a1", Decimal("0.5"))
+        accountant = Accountant(payer, budget, Tolerance())  # type: ignore[arg-type]
+        acc = account(duration=10.0, observed_cpu="5", threads=1)
+        acc.started, acc.stopped = time.time() - 10, time.time()
+        accountant.accounts["a1"] = acc
+        market = RecordingMarket()
+        half = usage("2", "5")
+        await accountant.on_document(market, DebitNote("a1", "act", half, PRICING.cost(half), ADDR, payer.address))
+        await accountant.settle(market, "a1", 0.05)  # late: the accepted note is paid
+        u = usage("5", "10")
+        invoice = Invoice("a1", ("act",), u, PRICING.cost(u), ADDR, payer.address, ADDR, payer.address, "p")
+        await accountant.on_document(market, invoice)
+        await asyncio.gather(*accountant._late)
+        return acc, payer, budget
+
+    acc, payer, budget = asyncio.run(main())
+    note, whole = PRICING.cost(usage("2", "5")), PRICING.cost(usage("5", "10"))
+    assert payer.paid == [note, whole - note]
+    assert acc.status is EntryStatus.PAID and acc.paid == whole and budget.spent == whole

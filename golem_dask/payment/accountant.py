@@ -275,7 +275,7 @@ class Accountant:
                 await _tell(market.reject(document, f"agreement already invoiced by {account.invoice.id}"),
                             "rejecting a second invoice")
             elif account.settled.is_set():
-                await self._answer_again(market, account)
+                await answer_again(market, account, self.payments)
             return  # otherwise the same invoice re-sent while it is being answered
         account.invoice = document
         account.invoice_arrived.set()
@@ -388,17 +388,6 @@ class Accountant:
         account.settled.set()
         return account
 
-    async def _answer_again(self, market: Any, account: AgreementAccount) -> None:
-        """A provider re-sent an invoice already answered: it missed the answer, tell it again."""
-        invoice = account.invoice
-        assert invoice is not None
-        if account.status is EntryStatus.REJECTED:
-            await _tell(market.reject(invoice, account.reason or "rejected"), "rejecting an invoice again")
-            return
-        for payment in self.payments:
-            if invoice.id in payment.invoice_ids:
-                await _tell(market.notify_payment(payment), f"announcing payment {payment.tx_hash} again")
-
     async def _pay_accepted(self, market: Any, account: AgreementAccount) -> Decimal:
         """Pay the last accepted debit note of an agreement whose invoice did not come (a
         provider that died is paid for the time its notes showed); what this paid."""
@@ -434,8 +423,11 @@ class Accountant:
             self.commitments.accept(document_id, agreement_id, kind, to_wei(amount))
 
     def _committed(self, agreement_id: str) -> Decimal:
-        """Already owed or paid for an agreement (by an earlier run, from accepted debit notes)."""
-        return from_wei(self.commitments.ledger.committed_wei(agreement_id)) if self.commitments else Decimal(0)
+        """Already owed or paid for an agreement (by an earlier run, from accepted debit notes);
+        without a ledger (the yagna daemon keeps it), what this run paid for it."""
+        if self.commitments is None:
+            return self.accounts[agreement_id].paid if agreement_id in self.accounts else Decimal(0)
+        return from_wei(self.commitments.ledger.committed_wei(agreement_id))
 
     def _close(self, agreement_id: str) -> None:
         if self.commitments is not None:
@@ -473,6 +465,18 @@ class Accountant:
 
     def bill(self) -> Bill:
         return bill_of(self.accounts.values(), self.payer)
+
+
+async def answer_again(market: Any, account: AgreementAccount, payments: list[Payment]) -> None:
+    """A provider re-sent an invoice already answered: it missed the answer, tell it again."""
+    invoice = account.invoice
+    assert invoice is not None
+    if account.status is EntryStatus.REJECTED:
+        await _tell(market.reject(invoice, account.reason or "rejected"), "rejecting an invoice again")
+        return
+    for payment in payments:
+        if invoice.id in payment.invoice_ids:
+            await _tell(market.notify_payment(payment), f"announcing payment {payment.tx_hash} again")
 
 
 def budget_holds(account: AgreementAccount, budget: Budget) -> Decimal:
