@@ -1,5 +1,6 @@
-"""An agreement whose confirmation fails half-way, against a recorded daemon: it is
-cancelled and terminated there, so it does not hold the provider until it expires."""
+"""What a lost connection to the daemon leaves there, against a recorded daemon: an
+agreement whose confirmation fails half-way is cancelled and terminated, so it does not
+hold the provider until it expires; a demand whose withdrawal fails is withdrawn again."""
 
 from __future__ import annotations
 
@@ -44,3 +45,24 @@ def test_an_agreement_whose_approval_wait_fails_is_cancelled_and_terminated() ->
     asyncio.run(main())
     assert daemon.calls == ["POST /market-api/v1/agreements/agr/confirm", "POST /market-api/v1/agreements/agr/wait",
                             "POST /market-api/v1/agreements/agr/cancel", "POST /market-api/v1/agreements/agr/terminate"]
+
+
+def test_a_demand_whose_withdrawal_loses_its_connection_is_withdrawn_again() -> None:
+    from golem_dask.yagna.proposals import Proposals, _Subscription
+
+    class LostDelete(LostWait):
+        async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+            self.calls.append(f"{method} {path}")
+            if method == "DELETE" and self.calls.count(f"{method} {path}") == 1:
+                raise NetworkError("the daemon closed the connection")
+            return None
+
+    daemon = LostDelete()
+    proposals = Proposals(daemon, "test")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        proposals._subs["dem-1"] = _Subscription("dem-1", ({}, []))
+        await proposals.unsubscribe("dem-1")
+
+    asyncio.run(main())
+    assert daemon.calls == ["DELETE /market-api/v1/demands/dem-1"] * 2

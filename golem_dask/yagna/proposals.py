@@ -93,7 +93,14 @@ class Proposals:
         if sub.task is not None:
             sub.task.cancel()
         sub.queue.put_nowait(None)
-        await self.api.call("DELETE", f"/market-api/v1/demands/{subscription_id}", ok=(*OK, 404, 410))
+        for attempt in range(3):  # else the demand stays on the daemon until it expires
+            try:
+                await self.api.call("DELETE", f"/market-api/v1/demands/{subscription_id}", ok=(*OK, 404, 410))
+                return
+            except NetworkError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1)
 
     async def events(self, subscription_id: str) -> AsyncIterator[MarketEvent]:
         sub = self._subs.get(subscription_id)
