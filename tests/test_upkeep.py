@@ -61,6 +61,14 @@ def persist_watched(cluster: GolemCluster, data: np.ndarray, chunks: int) -> tup
     return x, plugin
 
 
+def check_sum_for(x: Any, data: np.ndarray, seconds: float) -> None:
+    """Compute ``x``'s sum against ``data``'s every second for ``seconds``."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        assert float(x.sum().compute()) == float(data.sum())
+        time.sleep(1)
+
+
 def test_workers_outlive_their_agreements_and_keep_their_data(runtime: str) -> None:
     """Three agreement lifetimes: each worker is handed over before its agreement expires;
     the persisted keys move with it and are never recomputed; every agreement is paid."""
@@ -69,10 +77,7 @@ def test_workers_outlive_their_agreements_and_keep_their_data(runtime: str) -> N
             GolemCluster(n_workers=1, cpu=1, budget="2", runtime=runtime) as cluster, Client(cluster) as client:
         client.wait_for_workers(1)
         x, plugin = persist_watched(cluster, data, 50_000)
-        started = time.monotonic()
-        while time.monotonic() - started < 38:
-            assert float(x.sum().compute()) == float(data.sum())
-            time.sleep(1)
+        check_sum_for(x, data, 38)
         events = [str(e) for e in cluster.events]
         assert plugin.recomputed == [], (plugin.recomputed, events)
         assert len(cluster.workers) == 1
@@ -94,10 +99,7 @@ def test_workers_on_a_full_machine_step_aside_before_their_agreements_expire() -
             GolemCluster(n_workers=2, cpu=1, memory="1GiB", budget="2") as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         x, plugin = persist_watched(cluster, data, 30_000)
-        started = time.monotonic()
-        while time.monotonic() - started < 20:
-            assert float(x.sum().compute()) == float(data.sum())
-            time.sleep(1)
+        check_sum_for(x, data, 20)
         wait_until("both replaced", lambda: len(cluster.workers) == 2
                    and len([e for e in cluster.events.of_kind("renewal") if "stepped aside" in str(e)]) >= 2)
         events = [str(e) for e in cluster.events]
