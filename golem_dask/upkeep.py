@@ -138,18 +138,11 @@ class Renewals:
                           "workers now and is replaced in the room it leaves", worker=name)
             spec = c.worker_spec.pop(name)
             await c._correct_state()  # retires it (its data moves to the others), pays it
-            successor = c._new_worker_name(c._i)
-            c._i += 1
-            c.worker_spec[successor] = spec
-            try:
-                await c._correct_state()
-            except Exception as e:  # the caller reports it
-                logger.info("renting the replacement of %s failed: %s", name, e)
-            if successor in c.workers and c.workers[successor].status == Status.running:
+            successor = await rent_one(c, spec, f"the replacement of {name}")
+            if successor is not None:
                 c.events.emit("renewal", f"{name} stepped aside for {successor} before its agreement expired",
                               worker=name, successor=successor)
             else:
-                c.worker_spec.pop(successor, None)
                 c.events.emit("warning", f"could not rent a replacement for {name}; the cluster runs with one "
                               "worker fewer until scale() or adapt() asks again", worker=name)
             return True
@@ -160,19 +153,27 @@ async def hand_over(cluster: Any, name: str) -> str | None:
     to the others) and settle its agreement.  The successor's name, or None if it could
     not be rented (``name`` then stays)."""
     c = cluster
-    successor = c._new_worker_name(c._i)
+    successor = await rent_one(c, c.new_spec, f"the successor of {name}")
+    if successor is not None and c.worker_spec.pop(name, None) is not None:
+        await c._correct_state()  # retires it (its data moves to the others), pays it
+    return successor
+
+
+async def rent_one(cluster: Any, spec: Any, what: str) -> str | None:
+    """Add one worker of ``spec`` to the cluster and start it: its name once it runs, or
+    None (its spec is dropped again; ``what`` names it in the log)."""
+    c = cluster
+    name = c._new_worker_name(c._i)
     c._i += 1
-    c.worker_spec[successor] = c.new_spec
+    c.worker_spec[name] = spec
     try:
         await c._correct_state()
     except Exception as e:  # the caller reports it
-        logger.info("renting the successor of %s failed: %s", name, e)
-    if not (successor in c.workers and c.workers[successor].status == Status.running):
-        c.worker_spec.pop(successor, None)
-        return None
-    if c.worker_spec.pop(name, None) is not None:
-        await c._correct_state()  # retires it (its data moves to the others), pays it
-    return successor
+        logger.info("renting %s failed: %s", what, e)
+    if name in c.workers and c.workers[name].status == Status.running:
+        return name
+    c.worker_spec.pop(name, None)
+    return None
 
 
 class IdleGuard:

@@ -205,31 +205,30 @@ class ProviderDaemon:
             # Its payer announces it, for agreements of its own here and nothing else.
             payment = args[0] if isinstance(args[0], Payment) else None
             owner = payment.payer_addr if payment is not None else None
-            named = [(a, None) for a in payment.agreement_ids] + [(None, i) for i in payment.invoice_ids] \
-                if payment is not None else []
-            for agreement_id, invoice_id in named if owner == caller else ():
-                if await self._requestor(agreement_id, invoice_id) != caller:
+            if payment is not None and owner == caller:
+                named = [await self._agreement_requestor(a) for a in payment.agreement_ids]
+                named += [await self._document_requestor(i) for i in payment.invoice_ids]
+                if not named or any(n != caller for n in named):
                     owner = None
-                    break
-            if not named:
-                owner = None
         elif method in ("on_accepted", "on_rejected"):
             # Accepting or rejecting a document moves what this provider is owed: its addressee only.
-            document_id = str(args[0]) if args else ""
-            owner = await self._requestor(None, document_id)
+            owner = await self._document_requestor(str(args[0]) if args else "")
         else:
             return  # on_proposal concerns nothing of anyone else
         if owner != caller:
             raise MarketError(f"{method} refused: that is not {caller}'s agreement")
 
-    async def _requestor(self, agreement_id: str | None, invoice_id: str | None) -> str | None:
-        """Who an agreement (or an invoice) of this provider is with: approved since this
-        daemon started, or invoiced before (read off the event loop)."""
-        if agreement_id is not None:
-            return self._requestors.get(agreement_id) or await asyncio.to_thread(
-                self.receivables.requestor_of_agreement, agreement_id)
-        return self._addressees.get(str(invoice_id)) or await asyncio.to_thread(
-            self.receivables.requestor_of, str(invoice_id))
+    async def _agreement_requestor(self, agreement_id: str) -> str | None:
+        """Who an agreement of this provider is with: approved since this daemon started, or
+        invoiced before (read off the event loop)."""
+        return self._requestors.get(agreement_id) or await asyncio.to_thread(
+            self.receivables.requestor_of_agreement, agreement_id)
+
+    async def _document_requestor(self, document_id: str) -> str | None:
+        """Who a debit note or invoice of this provider was sent to (invoices also from the
+        store, read off the event loop)."""
+        return self._addressees.get(document_id) or await asyncio.to_thread(
+            self.receivables.requestor_of, document_id)
 
     async def _answer(self, caller: str, payload: dict[str, Any]) -> None:
         method, args = str(payload.get("method")), list(payload.get("args") or [])

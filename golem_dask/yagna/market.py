@@ -184,11 +184,12 @@ class YagnaMarket(Market):
                 why = "did not approve it in time" if e.status == 408 else f"did not approve it: {e}"
                 raise ProposalRejected(f"provider {agreement.provider_id} {why}") from None
             return await self._checked(agreement_id, agreement.offer, AgreementState.APPROVED)
-        except (ProposalRejected, MarketError, asyncio.CancelledError) as e:
-            if not isinstance(e, ProposalRejected):  # the daemon may have it approved: end it there
-                task = asyncio.ensure_future(self._abandon(agreement_id, f"{type(e).__name__}: {e}"))
-                self._abandoning.add(task)
-                task.add_done_callback(self._abandoning.discard)
+        except ProposalRejected:
+            raise  # the provider said no, or did not approve in time: nothing holds it
+        except (MarketError, asyncio.CancelledError) as e:  # the daemon may have it approved: end it there
+            task = asyncio.ensure_future(self._abandon(agreement_id, f"{type(e).__name__}: {e}"))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
             raise
         finally:
             self.proposals.release(agreement.offer.id)

@@ -197,9 +197,10 @@ def _google_token_problem(token: Mapping[str, Any]) -> str | None:
         return ("gs 'token' must be service account or authorized user info ('type': 'service_account' or "
                 "'authorized_user'); other kinds read files or addresses on the provider's machine")
     for key, value in token.items():
-        host = urlsplit(value).hostname or "" if isinstance(value, str) and "://" in value else None
-        if host is not None and not (value.startswith("https://") and (
-                host.endswith(".googleapis.com") or host == "accounts.google.com")):
+        if not (isinstance(value, str) and "://" in value):
+            continue
+        host = urlsplit(value).hostname or ""
+        if not (value.startswith("https://") and (host.endswith(".googleapis.com") or host == "accounts.google.com")):
             return (f"gs 'token' field {key!r} must be a Google address (https://*.googleapis.com or "
                     f"accounts.google.com), not {display_url(value)}: the provider would call it")
     return None
