@@ -161,8 +161,11 @@ async def hand_over(cluster: Any, name: str) -> str | None:
 
 async def rent_one(cluster: Any, spec: Any, what: str) -> str | None:
     """Add one worker of ``spec`` to the cluster and start it: its name once it runs, or
-    None (its spec is dropped again; ``what`` names it in the log)."""
+    None (its spec is dropped again; ``what`` names it in the log).  None at once once the
+    cluster closes: a worker added after close's ``scale(0)`` would outlive the cluster."""
     c = cluster
+    if c.status != Status.running:
+        return None
     name = c._new_worker_name(c._i)
     c._i += 1
     c.worker_spec[name] = spec
