@@ -351,43 +351,69 @@ def _put_remote(src: str, dst_fs: Any, dst: str, chunk: int) -> tuple[int, str]:
     return before.st_size, hashed
 
 
+def _staged(dst: str) -> str:
+    """A hidden name beside ``dst`` that a local copy is written under before it takes
+    ``dst``'s place: until then a reader sees the old file (or none), never part of the new."""
+    parent, name = posixpath.split(dst)
+    return posixpath.join(parent, f".{name}.{os.urandom(4).hex()}.golem-part")
+
+
 def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_BYTES, *,
               remove_partial: bool = True, size: int | None = None) -> tuple[int, str]:
     """Copy one file between two open filesystems, checked by size (``size`` if the caller
     asked the source already) and :data:`CHECKSUM`.
 
-    Returns the bytes copied and the source's checksum.  A destination that did not
-    arrive whole is removed unless ``remove_partial`` is false (the caller then removes
-    it itself, e.g. a file it opened by descriptor in a sandbox).
+    Returns the bytes copied and the source's checksum.  A local destination path is
+    written under a hidden name and renamed over ``dst`` once checked, so a failed copy
+    leaves any older file there as it was (remote stores publish an object whole anyway).
+    A destination that did not arrive whole is removed unless ``remove_partial`` is false
+    (the caller then removes it itself, e.g. a file it opened by descriptor in a sandbox,
+    ``/proc/self/fd/N``, which is written in place).
     """
     parent = posixpath.dirname(dst)
     if parent:
         dst_fs.makedirs(parent, exist_ok=True)
+    if _is_local(dst_fs) and not dst.startswith("/proc/self/fd/"):
+        staged = _staged(dst)
+        try:
+            copied = _copy_checked(src_fs, src, dst_fs, staged, chunk, size, shown=dst)
+            os.replace(staged, dst)
+        except BaseException:
+            _remove_partial(dst_fs, staged)
+            raise
+        return copied
     try:
-        if _is_local(src_fs) and _is_local(dst_fs):
-            nbytes, digest, landed = _copy_local(src, dst, chunk)
-        elif _is_local(dst_fs) and getattr(src_fs, "async_impl", False):
-            nbytes, digest = _get_remote(src_fs, src, dst, chunk)
-            landed = digest
-        elif _is_local(src_fs) and _bounded(getattr(dst_fs, "_put_file", None), chunk, _PARTS_IN_FLIGHT):
-            nbytes, digest = _put_remote(src, dst_fs, dst, chunk)
-            landed = digest
-        else:
-            nbytes, digest = _copy_stream(src_fs, src, dst_fs, dst, chunk)
-            # A local destination is read back; a remote one is checked by its size.
-            landed = _hash_file(dst, chunk) if _is_local(dst_fs) else digest
-        expected = size if size is not None else src_fs.size(src)
-        written = dst_fs.size(dst)
-        if expected is not None and nbytes != expected:
-            raise TransferError(f"{src}: read {nbytes} bytes but the source has {expected}")
-        if written != nbytes:
-            raise TransferError(f"{dst}: wrote {nbytes} bytes but the destination has {written}")
-        if landed != digest:
-            raise TransferError(f"{dst}: the destination's {CHECKSUM} checksum differs from the source's")
+        return _copy_checked(src_fs, src, dst_fs, dst, chunk, size)
     except BaseException:
         if remove_partial:
             _remove_partial(dst_fs, dst)
         raise
+
+
+def _copy_checked(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int, size: int | None, *,
+                  shown: str | None = None) -> tuple[int, str]:
+    """One file copied by the fastest path the two ends allow, then checked; errors name
+    the destination as ``shown`` (the file the caller asked for, not a staging name)."""
+    if _is_local(src_fs) and _is_local(dst_fs):
+        nbytes, digest, landed = _copy_local(src, dst, chunk)
+    elif _is_local(dst_fs) and getattr(src_fs, "async_impl", False):
+        nbytes, digest = _get_remote(src_fs, src, dst, chunk)
+        landed = digest
+    elif _is_local(src_fs) and _bounded(getattr(dst_fs, "_put_file", None), chunk, _PARTS_IN_FLIGHT):
+        nbytes, digest = _put_remote(src, dst_fs, dst, chunk)
+        landed = digest
+    else:
+        nbytes, digest = _copy_stream(src_fs, src, dst_fs, dst, chunk)
+        # A local destination is read back; a remote one is checked by its size.
+        landed = _hash_file(dst, chunk) if _is_local(dst_fs) else digest
+    expected = size if size is not None else src_fs.size(src)
+    written = dst_fs.size(dst)
+    if expected is not None and nbytes != expected:
+        raise TransferError(f"{src}: read {nbytes} bytes but the source has {expected}")
+    if written != nbytes:
+        raise TransferError(f"{shown or dst}: wrote {nbytes} bytes but the destination has {written}")
+    if landed != digest:
+        raise TransferError(f"{shown or dst}: the destination's {CHECKSUM} checksum differs from the source's")
     return nbytes, digest
 
 

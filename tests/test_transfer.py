@@ -99,6 +99,38 @@ def test_a_failing_writer_stops_the_copy(tmp_path: Path, monkeypatch: pytest.Mon
     assert not fs.exists("/full/a.bin")
 
 
+def test_a_local_destination_shows_the_old_file_until_the_new_one_is_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy over an existing local file writes beside it and renames once checked: a
+    reader mid-copy sees the old bytes, and a copy that fails leaves them as they were."""
+    old, new = b"old results\n" * 1000, os.urandom(3 * 2**20)
+    (tmp_path / "out.bin").write_bytes(old)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/src/out.bin", new)
+    seen: list[bytes] = []
+    real_read = fs.open("/src/out.bin", "rb").__class__.read
+
+    def read_then_fail(self: object, length: int = -1) -> bytes:
+        seen.append((tmp_path / "out.bin").read_bytes())
+        if len(seen) == 2:
+            raise OSError(errno.ECONNRESET, "connection reset")
+        return real_read(self, length)  # type: ignore[no-any-return]
+
+    try:
+        monkeypatch.setattr(fs.open("/src/out.bin", "rb").__class__, "read", read_then_fail)
+        with pytest.raises(TransferError, match="connection reset"):
+            copy("memory://src/out.bin", str(tmp_path / "out.bin"), chunk_bytes=2**20)
+        monkeypatch.undo()
+        assert seen == [old, old]
+        assert (tmp_path / "out.bin").read_bytes() == old
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no staging file left
+        copy("memory://src/out.bin", str(tmp_path / "out.bin"), chunk_bytes=2**20)
+        assert (tmp_path / "out.bin").read_bytes() == new
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    finally:
+        fs.rm("/src", recursive=True)
+
+
 def test_directory_copy_keeps_the_tree(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
