@@ -169,6 +169,30 @@ class YagnaApi:
         except ValueError:
             return text
 
+    async def websocket(self, path: str, timeout_s: float) -> Any:
+        """An open websocket to ``path`` (aiohttp's), the app key sent as on every call.
+
+        Raises
+        ------
+        NetworkError
+            If the daemon cannot be reached or does not switch protocols within ``timeout_s``.
+        """
+        import aiohttp
+
+        if self._session is None:
+            raise NetworkError("the yagna session is closed")
+        try:
+            # yagna never answers a close frame: wait for it briefly.
+            return await asyncio.wait_for(self._session.ws_connect(
+                self.url + path, timeout=aiohttp.ClientWSTimeout(ws_close=1.0), max_msg_size=0), timeout_s)
+        except TimeoutError:
+            raise NetworkError(f"yagna at {self.url}: no tunnel at {path} within {timeout_s:g}s") from None
+        except aiohttp.WSServerHandshakeError as e:
+            raise NetworkError(f"yagna at {self.url}: {path} answered {e.status}: {e.message}") from None
+        except aiohttp.ClientError as e:
+            raise _unreachable(self.url, e) from None
+
+
 
 def _message(text: str) -> str:
     try:

@@ -1,0 +1,290 @@
+"""Workers on a VPN of the requestor's daemon, the scheduler staying on the requestor's machine.
+
+On the public network a provider's VM may not connect to the requestor's machine, and the
+requestor reaches a VM only through its daemon: the Net API makes a virtual network, adds
+each VM to it as a node, and opens TCP connections to a VM's port as websockets (the
+*tunnel*).  VMs reach each other on the network directly.  Three pieces carry a Dask
+cluster over that:
+
+- :class:`VpnNetwork`: the network, its nodes, the ``net`` argument of each VM's deploy
+  command, and tunnels;
+- :class:`TunnelPool`: connections the requestor opens ahead of need to one VM's
+  :mod:`~golem_dask.yagna.backchannel`, which hands each to a connection the worker opens
+  to its scheduler (the worker dials ``127.0.0.1`` in its VM); the pool joins it to the
+  scheduler on this machine;
+- :class:`LocalForward` and :func:`route`: the scheduler's own connections to a worker
+  (to fetch results, say) go to the worker's VPN address; this process's Dask comms are
+  sent through a local port that tunnels to it.
+
+TLS runs end to end between scheduler and workers through all of it: the daemons and the
+backchannel carry ciphertext.  Traffic between workers never touches this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from golem_dask.errors import NetworkError
+from golem_dask.yagna.api import OK, YagnaApi
+from golem_dask.yagna.backchannel import GO, TOKEN_BYTES
+
+logger = logging.getLogger(__name__)
+
+NET_API = "/net-api/v2/vpn/net"
+#: The daemon closes a tunnel on a websocket message much over 64 KiB: send in pieces.
+_WS_PIECE = 16 * 1024
+_READ = 64 * 1024
+
+
+class VpnNetwork:
+    """One virtual network of the requestor's daemon: ``create``, add nodes, ``delete``.
+
+    The requestor holds the network's first address; VMs get the following ones in order.
+    """
+
+    def __init__(self, api: YagnaApi, net_id: str, network: ipaddress.IPv4Network, requestor: str,
+                 requestor_id: str) -> None:
+        self.api, self.id, self.network = api, net_id, network
+        self.requestor_ip, self.requestor_id = requestor, requestor_id
+        self._hosts = network.hosts()
+        self.nodes: dict[str, str] = {}  # ip -> node id
+
+    def __repr__(self) -> str:
+        return f"VpnNetwork({self.id!r}, {str(self.network)!r}, nodes={len(self.nodes)})"
+
+    @classmethod
+    async def create(cls, api: YagnaApi, requestor_id: str, cidr: str = "192.168.0.0/24") -> VpnNetwork:
+        network = ipaddress.IPv4Network(cidr)
+        body = await api.call("POST", NET_API, body={"ip": str(network.network_address), "mask": str(network.netmask)},
+                              ok=(*OK, 201))
+        net = cls(api, str(body["id"]), network, "", requestor_id)
+        net.requestor_ip = str(next(net._hosts))  # the daemon gives the requestor the first host
+        return net
+
+    def allocate(self) -> str:
+        """The next free address for a VM."""
+        try:
+            return str(next(self._hosts))
+        except StopIteration:
+            raise NetworkError(f"the VPN {self.network} has no free address left") from None
+
+    async def add_node(self, node_id: str, ip: str) -> None:
+        await self.api.call("POST", f"{NET_API}/{self.id}/nodes", body={"id": node_id.lower(), "ip": ip},
+                            ok=(*OK, 201))
+        self.nodes[ip] = node_id.lower()
+
+    async def remove_node(self, ip: str) -> None:
+        node = self.nodes.pop(ip, None)
+        if node is not None and node not in self.nodes.values():
+            await self.api.call("DELETE", f"{NET_API}/{self.id}/nodes/{node}", ok=(*OK, 404))
+
+    def deploy_argument(self, ip: str) -> dict[str, Any]:
+        """The ``net`` entry of the deploy command of the VM at ``ip``."""
+        return {"id": self.id, "ip": str(self.network.network_address), "mask": str(self.network.netmask),
+                "gateway": self.requestor_ip, "nodeIp": ip,
+                "nodes": {self.requestor_ip: self.requestor_id.lower(), **self.nodes}}
+
+    async def tunnel(self, ip: str, port: int, timeout_s: float = 15.0) -> Any:
+        """A websocket carrying one TCP connection to ``ip:port`` on the network."""
+        return await self.api.websocket(f"{NET_API}/{self.id}/tcp/{ip}/{port}", timeout_s)
+
+    async def delete(self) -> None:
+        await self.api.call("DELETE", f"{NET_API}/{self.id}", ok=(*OK, 404))
+
+
+async def _to_websocket(reader: asyncio.StreamReader, ws: Any) -> None:
+    try:
+        while data := await reader.read(_READ):
+            for at in range(0, len(data), _WS_PIECE):
+                await ws.send_bytes(data[at:at + _WS_PIECE])
+    finally:
+        await ws.close()
+
+
+async def _from_websocket(ws: Any, writer: asyncio.StreamWriter) -> None:
+    import aiohttp
+
+    try:
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            writer.write(message.data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def splice(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Carry bytes both ways between a tunnel and a local connection until one side ends."""
+    pumps = [asyncio.ensure_future(_to_websocket(reader, ws)), asyncio.ensure_future(_from_websocket(ws, writer))]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        writer.close()
+        await ws.close()
+
+
+class _Tasks:
+    """Tasks a forwarder started, cancelled together."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LocalForward:
+    """A port on ``127.0.0.1`` whose connections are tunnelled to ``ip:port`` on ``net``."""
+
+    def __init__(self, net: VpnNetwork, ip: str, port: int) -> None:
+        self.net, self.ip, self.port = net, ip, port
+        self._server: asyncio.Server | None = None
+        self._tasks = _Tasks()
+        self.address = ""
+
+    async def start(self) -> LocalForward:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.address = "127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ws = await self.net.tunnel(self.ip, self.port)
+        except (NetworkError, OSError) as e:
+            logger.info("no tunnel to %s:%d: %s", self.ip, self.port, e)
+            writer.close()
+            return
+        self._tasks.spawn(splice(ws, reader, writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._tasks.cancel()
+
+
+class TunnelPool:
+    """``spares`` tunnels kept open to the backchannel at ``ip:port``; each one the worker
+    takes is joined to a new connection to ``scheduler`` (``host:port`` on this machine)
+    and replaced."""
+
+    def __init__(self, net: VpnNetwork, ip: str, port: int, scheduler: str, spares: int = 3,
+                 token: bytes | None = None) -> None:
+        self.net, self.ip, self.port, self.spares = net, ip, port, spares
+        host, _, scheduler_port = scheduler.rpartition(":")
+        self._scheduler = (host, int(scheduler_port))
+        self.token = token if token is not None else os.urandom(TOKEN_BYTES)
+        self._tasks = _Tasks()
+        self.joined = 0
+
+    def __repr__(self) -> str:  # the token stays out
+        return f"TunnelPool({self.ip}:{self.port}, spares={self.spares}, joined={self.joined})"
+
+    def start(self) -> TunnelPool:
+        for _ in range(self.spares):
+            self._tasks.spawn(self._keep_one())
+        return self
+
+    async def _keep_one(self) -> None:
+        """Open a tunnel, wait for the worker to take it, join it; again, while it works."""
+        failures = 0
+        while True:
+            try:
+                ws = await self.net.tunnel(self.ip, self.port)
+            except (NetworkError, OSError) as e:
+                failures += 1
+                logger.debug("tunnel to %s:%d failed (%d): %s", self.ip, self.port, failures, e)
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                continue
+            failures = 0
+            await ws.send_bytes(self.token)
+            if await _taken(ws):
+                self._tasks.spawn(self._join(ws))
+            else:
+                await ws.close()
+                await asyncio.sleep(0.2)
+
+    async def _join(self, ws: Any) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(*self._scheduler)
+        except OSError as e:
+            logger.warning("the scheduler at %s:%d refused a worker's connection: %s", *self._scheduler, e)
+            await ws.close()
+            return
+        self.joined += 1
+        await splice(ws, reader, writer)
+
+    async def close(self) -> None:
+        await self._tasks.cancel()
+
+
+async def _taken(ws: Any) -> bool:
+    """Whether the backchannel said a worker took this tunnel (its first byte)."""
+    import aiohttp
+
+    message = await ws.receive()
+    return message.type == aiohttp.WSMsgType.BINARY and bytes(message.data[:1]) == GO
+
+
+# --- this process's Dask connections to workers' VPN addresses ----------------------
+
+_ROUTES: dict[str, str] = {}
+
+
+class _RoutedConnector:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def connect(self, address: str, deserialize: bool = True, **kwargs: Any) -> Any:
+        return await self._inner.connect(_ROUTES.get(address, address), deserialize, **kwargs)
+
+
+class _RoutedBackend:
+    """A Dask comm backend that sends connections to routed addresses elsewhere."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_connector(self) -> Any:
+        return _RoutedConnector(self._inner.get_connector())
+
+
+def _install() -> None:
+    from distributed.comm import registry
+
+    for scheme in ("tcp", "tls"):
+        backend = registry.backends.get(scheme)
+        if backend is not None and not isinstance(backend, _RoutedBackend):
+            registry.backends[scheme] = _RoutedBackend(backend)
+
+
+def route(vpn_address: str, local_address: str) -> Callable[[], None]:
+    """Send this process's Dask connections to ``vpn_address`` (``ip:port``) to
+    ``local_address`` instead; returns the function that undoes it."""
+    _install()
+    _ROUTES[vpn_address] = local_address
+
+    def undo() -> None:
+        if _ROUTES.get(vpn_address) == local_address:
+            del _ROUTES[vpn_address]
+
+    return undo
