@@ -214,13 +214,14 @@ class TunnelPool:
                 continue
             failures = 0
             await ws.send_bytes(self.token)
-            if await _taken(ws):
-                self._tasks.spawn(self._join(ws))
+            first = await _taken(ws)
+            if first is not None:
+                self._tasks.spawn(self._join(ws, first))
             else:
                 await ws.close()
                 await asyncio.sleep(0.2)
 
-    async def _join(self, ws: Any) -> None:
+    async def _join(self, ws: Any, first: bytes) -> None:
         try:
             reader, writer = await asyncio.open_connection(*self._scheduler)
         except OSError as e:
@@ -228,18 +229,22 @@ class TunnelPool:
             await ws.close()
             return
         self.joined += 1
+        writer.write(first)  # what the worker sent right after the signal, in the same message
         await splice(ws, reader, writer)
 
     async def close(self) -> None:
         await self._tasks.cancel()
 
 
-async def _taken(ws: Any) -> bool:
-    """Whether the backchannel said a worker took this tunnel (its first byte)."""
+async def _taken(ws: Any) -> bytes | None:
+    """Once the backchannel says a worker took this tunnel (its first byte), the bytes
+    that came with the signal; None if the tunnel ended instead."""
     import aiohttp
 
     message = await ws.receive()
-    return message.type == aiohttp.WSMsgType.BINARY and bytes(message.data[:1]) == GO
+    if message.type == aiohttp.WSMsgType.BINARY and bytes(message.data[:1]) == GO:
+        return bytes(message.data[1:])
+    return None
 
 
 # --- this process's Dask connections to workers' VPN addresses ----------------------
@@ -274,7 +279,7 @@ def _install() -> None:
     for scheme in ("tcp", "tls"):
         backend = registry.backends.get(scheme)
         if backend is not None and not isinstance(backend, _RoutedBackend):
-            registry.backends[scheme] = _RoutedBackend(backend)
+            registry.backends[scheme] = _RoutedBackend(backend)  # type: ignore[assignment]
 
 
 def route(vpn_address: str, local_address: str) -> Callable[[], None]:
@@ -288,3 +293,4 @@ def route(vpn_address: str, local_address: str) -> Callable[[], None]:
             del _ROUTES[vpn_address]
 
     return undo
+
