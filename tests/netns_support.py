@@ -57,24 +57,32 @@ class FarHost:
         return proc
 
     def pids(self) -> list[int]:
-        out = _ip("netns", "pids", self.name, check=False).stdout
-        return [int(p) for p in out.split()]
+        return _namespace_pids(self.name)
 
     def kill_all(self) -> None:
         """The far machine dies: every process in the namespace gets SIGKILL."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 10
-        while self.pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        kill_namespace(self.name, self.procs)
+
+
+def _namespace_pids(name: str) -> list[int]:
+    return [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]
+
+
+def kill_namespace(name: str, procs: Sequence[subprocess.Popen[Any]] = ()) -> None:
+    """SIGKILL to every process in namespace ``name``; ``procs`` (started there) reaped."""
+    for pid in _namespace_pids(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 10
+    while _namespace_pids(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 _counter = 0

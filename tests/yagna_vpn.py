@@ -23,7 +23,6 @@ import asyncio
 import fcntl
 import ipaddress
 import os
-import signal
 import struct
 import subprocess
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gsb_wire import GsbClient
+from netns_support import kill_namespace
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
@@ -85,17 +85,7 @@ class VpnHost:
 
     def stop(self) -> None:
         """Every process in the VM is killed; the namespace and its TAP go."""
-        out = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True).stdout
-        for pid in out.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_namespace(self.namespace, self.procs)
         os.close(self.fd)
         _ip("netns", "del", self.namespace, check=False)
 
