@@ -104,7 +104,6 @@ class GsbClient:
         self._writer.write(encode(CALL, (1, caller), (2, address), (3, f"t{self._calls}"), (4, data), (5, True)))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        pending = list(self._registered)
         while True:
             size = int.from_bytes(await reader.readexactly(4), "big")
             packet = decode_fields(await reader.readexactly(size))

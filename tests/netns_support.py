@@ -29,7 +29,8 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=20)
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Skip for ``reason``; with ``GOLEM_DASK_REQUIRE_NETNS=1`` (CI), fail."""
     if REQUIRED:
         pytest.fail(f"{reason} (GOLEM_DASK_REQUIRE_NETNS=1)")
     pytest.skip(reason)
@@ -91,9 +92,9 @@ _counter = 0
 def make_far_host() -> FarHost:
     global _counter
     if os.geteuid() != 0:
-        _unavailable("network namespaces need root")
+        unavailable("network namespaces need root")
     if shutil.which("ip") is None:
-        _unavailable("network namespaces need iproute2 (apt-get install iproute2)")
+        unavailable("network namespaces need iproute2 (apt-get install iproute2)")
     _counter += 1
     # A /30 of its own per namespace, from 10.233.0.0/16, by pid and count: two test runs
     # on one machine do not collide.
@@ -116,7 +117,7 @@ def make_far_host() -> FarHost:
         _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
     except subprocess.CalledProcessError as e:
         remove(FarHost(name, host_ip, far_ip, veth))
-        _unavailable(f"could not make a network namespace: {e.stderr.strip()}")
+        unavailable(f"could not make a network namespace: {e.stderr.strip()}")
     return FarHost(name, host_ip, far_ip, veth)
 
 

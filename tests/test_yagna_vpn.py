@@ -10,7 +10,6 @@ VPN.  The daemon is the real one (:mod:`yagna_stack`).
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from distributed import Client, Scheduler
 from distributed.security import Security
+from netns_support import unavailable
 from yagna_stack import yagna_stack  # noqa: F401
 from yagna_vpn import TestVpn, vpn_unavailable
 
@@ -28,15 +28,10 @@ from golem_dask.yagna.vpn import LocalForward, TunnelPool, VpnNetwork, route
 
 pytestmark = pytest.mark.e2e
 
-REQUIRED = os.environ.get("GOLEM_DASK_REQUIRE_NETNS") == "1"
-
-
 def _need_vms() -> None:
     reason = vpn_unavailable()
     if reason is not None:
-        if REQUIRED:
-            pytest.fail(f"{reason} (GOLEM_DASK_REQUIRE_NETNS=1)")
-        pytest.skip(reason)
+        unavailable(reason)
 
 
 def _tls_files(security: Security, root: Path) -> list[str]:

@@ -23,6 +23,7 @@ import asyncio
 import fcntl
 import ipaddress
 import os
+import shutil
 import struct
 import subprocess
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def vpn_unavailable() -> str | None:
         return "test VMs need root (network namespaces and TAP devices)"
     if not os.path.exists("/dev/net/tun"):
         return "test VMs need /dev/net/tun"
-    if subprocess.run(["which", "ip"], capture_output=True).returncode:
+    if shutil.which("ip") is None:
         return "test VMs need iproute2 (apt-get install iproute2)"
     return None
 

@@ -193,7 +193,6 @@ class YagnaApi:
             raise _unreachable(self.url, e) from None
 
 
-
 def _message(text: str) -> str:
     try:
         body = json.loads(text)

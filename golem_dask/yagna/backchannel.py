@@ -37,7 +37,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(_CHUNK):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError):
+    except OSError:  # a connection reset or refused
         pass
     finally:
         try:
@@ -75,7 +75,7 @@ class Backchannel:
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), 10)
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
             writer.close()
             return
         if not hmac.compare_digest(token, self.token):
@@ -97,7 +97,7 @@ class Backchannel:
             try:
                 tunnel[1].write(GO)
                 await tunnel[1].drain()
-            except (ConnectionError, OSError):
+            except OSError:
                 continue
             await join((reader, writer), tunnel)
             return

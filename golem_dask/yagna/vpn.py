@@ -47,11 +47,10 @@ class VpnNetwork:
     The requestor holds the network's first address; VMs get the following ones in order.
     """
 
-    def __init__(self, api: YagnaApi, net_id: str, network: ipaddress.IPv4Network, requestor: str,
-                 requestor_id: str) -> None:
-        self.api, self.id, self.network = api, net_id, network
-        self.requestor_ip, self.requestor_id = requestor, requestor_id
+    def __init__(self, api: YagnaApi, net_id: str, network: ipaddress.IPv4Network, requestor_id: str) -> None:
+        self.api, self.id, self.network, self.requestor_id = api, net_id, network, requestor_id
         self._hosts = network.hosts()
+        self.requestor_ip = str(next(self._hosts))  # the daemon gives the requestor the first host
         self.nodes: dict[str, str] = {}  # ip -> node id
 
     def __repr__(self) -> str:
@@ -62,9 +61,7 @@ class VpnNetwork:
         network = ipaddress.IPv4Network(cidr)
         body = await api.call("POST", NET_API, body={"ip": str(network.network_address), "mask": str(network.netmask)},
                               ok=(*OK, 201))
-        net = cls(api, str(body["id"]), network, "", requestor_id)
-        net.requestor_ip = str(next(net._hosts))  # the daemon gives the requestor the first host
-        return net
+        return cls(api, str(body["id"]), network, requestor_id)
 
     def allocate(self) -> str:
         """The next free address for a VM."""
@@ -98,29 +95,24 @@ class VpnNetwork:
 
 
 async def _to_websocket(reader: asyncio.StreamReader, ws: Any) -> None:
-    try:
-        while data := await reader.read(_READ):
-            for at in range(0, len(data), _WS_PIECE):
-                await ws.send_bytes(data[at:at + _WS_PIECE])
-    finally:
-        await ws.close()
+    while data := await reader.read(_READ):
+        for at in range(0, len(data), _WS_PIECE):
+            await ws.send_bytes(data[at:at + _WS_PIECE])
 
 
 async def _from_websocket(ws: Any, writer: asyncio.StreamWriter) -> None:
     import aiohttp
 
-    try:
-        async for message in ws:
-            if message.type != aiohttp.WSMsgType.BINARY:
-                break
-            writer.write(message.data)
-            await writer.drain()
-    finally:
-        writer.close()
+    async for message in ws:
+        if message.type != aiohttp.WSMsgType.BINARY:
+            break
+        writer.write(message.data)
+        await writer.drain()
 
 
 async def splice(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Carry bytes both ways between a tunnel and a local connection until one side ends."""
+    """Carry bytes both ways between a tunnel and a local connection until one side ends;
+    then both are closed."""
     pumps = [asyncio.ensure_future(_to_websocket(reader, ws)), asyncio.ensure_future(_from_websocket(ws, writer))]
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
