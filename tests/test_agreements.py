@@ -125,6 +125,26 @@ def test_the_provider_refuses_terms_it_did_not_state(attack: str) -> None:
     assert expected in reason
 
 
+def test_an_agreement_ending_when_its_demand_expires_is_approved_while_the_clock_ticks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The requestor ends an agreement exactly at its demand's expiration; the provider reads
+    the clock once for both checks, so a millisecond passing between them refuses nothing."""
+    import golem_dask.provider.agent as agent_module
+
+    ticks = iter(range(10**6))
+    base = now_ms()
+    monkeypatch.setattr(agent_module, "now_ms", lambda: base + next(ticks))  # a ms per reading
+
+    async def main() -> Agreement:
+        s = Setup()
+        agreement = await s.agreement()
+        assert agreement.valid_to_ms == int(agreement.demand.properties[P.EXPIRATION])
+        approved = await s.market.confirm_agreement(agreement.id, 5)
+        await s.market.close()
+        return approved
+
+    assert run(main()).state is AgreementState.APPROVED
+
+
 def test_a_demand_for_no_threads_or_negative_memory_is_refused() -> None:
     async def main() -> list[str]:
         s = Setup()

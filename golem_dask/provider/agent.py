@@ -224,7 +224,8 @@ class ProviderAgent:
         if payer != agreement.requestor_id:
             raise ProposalRejected(f"the agreement's requestor {agreement.requestor_id} is not the payer its demand "
                                    f"names ({payer})")
-        if not 0 < agreement.valid_to_ms - now_ms() <= int(agreement.demand.properties.get(P.EXPIRATION, 0)) - now_ms():
+        now = now_ms()  # read once: a tick between two readings refused an agreement ending at expiration
+        if not now < agreement.valid_to_ms <= int(agreement.demand.properties.get(P.EXPIRATION, 0)):
             raise ProposalRejected("agreement expired, or runs past its demand's expiration")
         try:
             terms.check(agreement, "requestor")
