@@ -1,5 +1,6 @@
-"""The backchannel a worker's VM runs, on loopback: tunnels need the worker's token, and a
-tunnel taken by the worker carries its bytes from the first one on."""
+"""The backchannel a worker's VM runs, on loopback: tunnels need the worker's token, their
+records are put back in order, a waiting tunnel taken by the worker carries its bytes from
+the first one on, and a forward tunnel reaches only the worker's listed ports."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import aiohttp
 import pytest
 
 from golem_dask.yagna import backchannel, vpn
-from golem_dask.yagna.backchannel import GO, Backchannel
+from golem_dask.yagna.backchannel import FORWARD, GO, WAITING, Backchannel, BadRecord, Records, hello, record
+
+TOKEN = b"t" * 16
 
 
 def _free_port() -> int:
@@ -30,8 +33,8 @@ def _listening(port: int) -> bool:
     return False
 
 
-async def _serving(token: bytes) -> tuple[Backchannel, asyncio.Task[None]]:
-    channel = Backchannel(token, "127.0.0.1", _free_port(), _free_port())
+async def _serving(token: bytes, forward: tuple[int, ...] = ()) -> tuple[Backchannel, asyncio.Task[int]]:
+    channel = Backchannel(token, "127.0.0.1", _free_port(), _free_port(), forward)
     task = asyncio.create_task(channel.serve())
     for _ in range(200):
         if _listening(channel.tunnel_port) and _listening(channel.scheduler_port):
@@ -40,15 +43,26 @@ async def _serving(token: bytes) -> tuple[Backchannel, asyncio.Task[None]]:
     raise AssertionError("the backchannel did not start")
 
 
+async def _waiting_tunnel(channel: Backchannel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
+    writer.write(record(0, hello(channel.token, WAITING)))
+    for _ in range(100):
+        if not channel.waiting.empty():
+            return reader, writer
+        await asyncio.sleep(0.01)
+    raise AssertionError("the tunnel was not taken as waiting")
+
+
 def test_a_tunnel_without_the_token_is_closed_and_never_handed_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backchannel, "WAIT_FOR_TUNNEL_S", 0.5)
 
     async def run() -> None:
-        channel, task = await _serving(b"k" * 16)
+        channel, task = await _serving(TOKEN)
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
-            writer.write(b"x" * 16)  # another VM on the network, guessing
-            assert await asyncio.wait_for(reader.read(), 5) == b""
+            for first in (record(0, hello(b"x" * 16, WAITING)), b"x" * 16 + WAITING):  # guessed; unframed
+                reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
+                writer.write(first)  # another VM on the network
+                assert await asyncio.wait_for(reader.read(), 15) == b""
             assert channel.waiting.empty()
             # The worker's connection finds no tunnel and is closed when its wait ends.
             local_reader, local_writer = await asyncio.open_connection("127.0.0.1", channel.scheduler_port)
@@ -60,24 +74,64 @@ def test_a_tunnel_without_the_token_is_closed_and_never_handed_to_the_worker(mon
     asyncio.run(run())
 
 
-def test_a_tunnel_with_the_token_carries_the_workers_bytes_both_ways() -> None:
+def test_a_waiting_tunnel_carries_the_workers_bytes_both_ways_in_order() -> None:
     async def run() -> None:
-        token = b"t" * 16
-        channel, task = await _serving(token)
+        channel, task = await _serving(TOKEN)
         try:
-            tunnel_reader, tunnel_writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
-            tunnel_writer.write(token)
-            for _ in range(100):
-                if not channel.waiting.empty():
-                    break
-                await asyncio.sleep(0.01)
+            tunnel_reader, tunnel_writer = await _waiting_tunnel(channel)
             local_reader, local_writer = await asyncio.open_connection("127.0.0.1", channel.scheduler_port)
             local_writer.write(b"worker hello")
             assert await asyncio.wait_for(tunnel_reader.readexactly(1 + 12), 5) == GO + b"worker hello"
-            tunnel_writer.write(b"scheduler hello")
-            assert await asyncio.wait_for(local_reader.readexactly(15), 5) == b"scheduler hello"
+            # The daemon handed the records over out of order: the worker reads them in order.
+            tunnel_writer.write(record(3, b"!") + record(1, b"scheduler ") + record(2, b"hello"))
+            assert await asyncio.wait_for(local_reader.readexactly(16), 5) == b"scheduler hello!"
         finally:
             task.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_forward_tunnel_reaches_a_listed_port_of_the_worker_and_no_other() -> None:
+    async def run() -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"worker says " + await reader.readexactly(5))
+            await writer.drain()
+            writer.close()
+
+        worker = await asyncio.start_server(echo, "127.0.0.1", 0)
+        worker_port = worker.sockets[0].getsockname()[1]
+        channel, task = await _serving(TOKEN, forward=(worker_port,))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
+            writer.write(record(2, b"lo") + record(0, hello(TOKEN, FORWARD, worker_port)) + record(1, b"hel"))
+            assert await asyncio.wait_for(reader.read(), 5) == b"worker says hello"
+            for port in (channel.scheduler_port, _free_port()):  # not listed: not reached
+                reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
+                writer.write(record(0, hello(TOKEN, FORWARD, port)) + record(1, b"hello"))
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            task.cancel()
+            worker.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("stream,why", [
+    (record(0, b"a") + record(0, b"b"), "repeated"),
+    (record(backchannel.MAX_PENDING, b"x"), "too far ahead"),
+    (b"\x00\x00\x00\x00\x7f\xff\xff\xff", "too long"),
+    (record(1, b"x"), "ended inside"),
+    (record(0, b"abc")[:-1], "ended inside"),
+])
+def test_records_that_break_the_framing_end_the_tunnel(stream: bytes, why: str) -> None:
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(stream)
+        reader.feed_eof()
+        records = Records(reader)
+        with pytest.raises(BadRecord):
+            while await records.read():
+                pass
 
     asyncio.run(run())
 

@@ -75,8 +75,8 @@ async def _compute_over_the_vpn(stack, tmp_path: Path) -> None:
                 pools.append(pool)
                 closers.append(pool.close)
                 vm.popen([sys.executable, "-c", backchannel.source(), "--host", ip, "--tunnels", "7000",
-                          "--scheduler", "8786", "--token", pool.token.hex()])
-                forward = await LocalForward(net, ip, 9000).start()
+                          "--scheduler", "8786", "--forward", "9000", "--token", pool.token.hex()])
+                forward = await LocalForward(net, ip, 7000, pool.token, 9000).start()
                 closers.append(forward.close)
                 undo.append(route(f"{ip}:9000", forward.address))
                 vm.popen([sys.executable, "-m", "distributed.cli.dask_worker", "tls://127.0.0.1:8786",
@@ -91,6 +91,11 @@ async def _compute_over_the_vpn(stack, tmp_path: Path) -> None:
                 total = await client.compute((x + x.T).sum())
                 expected = np.arange(400 * 400).reshape(400, 400)
                 assert total == int((expected + expected.T).sum())
+                # Chunks of an array made here travel in the graph, scheduler to workers:
+                # hundreds of KB through the tunnels, whose messages the daemon may reorder.
+                y = np.arange(600 * 600, dtype="int64").reshape(600, 600)
+                z = da.from_array(y, chunks=150)
+                assert await asyncio.wait_for(client.compute((z + z.T).sum()), 60) == int((y + y.T).sum())
                 # Results come back from the workers' VPN addresses (the scheduler gathers them).
                 futures = client.map(lambda i: i * i, range(20), workers=workers[:1], pure=False)
                 assert await client.gather(futures) == [i * i for i in range(20)]

@@ -1,21 +1,30 @@
-"""The VM side of a worker's way back to the scheduler on the requestor's machine.
+"""The VM side of the requestor's tunnels to a worker: the worker's way back to its
+scheduler, and the scheduler's way in to the worker.
 
 On the public network a provider's VM cannot open a connection to the requestor, and the
 requestor can open TCP connections to a VM only through its daemon's tunnel
-(:mod:`golem_dask.yagna.vpn`).  So the requestor opens connections *to* the VM ahead of
-need, and this program, started in the VM before ``dask worker``, hands each of them to a
-connection the worker opens to its scheduler:
+(:mod:`golem_dask.yagna.vpn`).  So the requestor opens connections *to* the VM, and this
+program, started in the VM as the worker's parent, takes them on ``--tunnels``.  Each one
+is one of two kinds, said in its first record (below), with the worker's token (16 bytes,
+``--token`` in hex; other VMs on the network reach that port too, and a tunnel without
+the token is closed):
 
-- it listens on the VPN address, port ``--tunnels``, for the requestor's connections; each
-  must begin with the worker's token (16 bytes, ``--token`` in hex), or it is closed:
-  other VMs on the network reach that port too;
-- it listens on ``127.0.0.1``, port ``--scheduler``, where the worker dials its scheduler;
-  each connection there takes one waiting tunnel, which is told so with one byte (``\\x01``),
-  and the two are joined until either side closes.
+- *waiting*: it waits for a connection the worker opens to its scheduler on
+  ``127.0.0.1:--scheduler``; once taken it is told so with one byte (``\\x01``), and the
+  two are joined until either side closes;
+- *forward*: it is joined to a new connection to the worker's own port on the VM's
+  address (a ``--forward`` port), for the scheduler's connections to the worker.
+
+**Records.**  The requestor's daemon (yagna 0.17) may hand the websocket messages of one
+tunnel to the VM's TCP stream out of order when several are in flight, each one whole.
+So what the requestor sends is cut into records, ``[sequence: u32][length: u32][bytes]``,
+numbered from 0 (the first holds the token and the kind), and this program puts them back
+in order.  What the VM sends back arrives in order and is not framed.
 
 The worker's TLS runs end to end with the scheduler through it; this program sees only
 ciphertext.  It uses the standard library alone (the worker image need not hold
-golem-dask) and is sent to the VM as its source text: see :func:`source`.
+golem-dask) and is sent to the VM as its source text: see :func:`source`.  Given a command
+after ``--`` (the worker's), it runs it once it listens, and exits with it.
 """
 
 from __future__ import annotations
@@ -23,13 +32,73 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import struct
 import sys
 
 TOKEN_BYTES = 16
 GO = b"\x01"
+WAITING, FORWARD = b"W", b"F"
 #: How long a worker's connection waits for a tunnel before it is closed.
 WAIT_FOR_TUNNEL_S = 30.0
+#: The largest record, and how many may wait for an earlier one, before a tunnel is closed.
+MAX_RECORD = 1 << 20
+MAX_PENDING = 1024
+_HEADER = struct.Struct(">II")
 _CHUNK = 65536
+
+
+class BadRecord(Exception):
+    """A tunnel's records break the framing: closed."""
+
+
+def record(sequence: int, data: bytes) -> bytes:
+    """One record as the requestor sends it."""
+    return _HEADER.pack(sequence & 0xFFFFFFFF, len(data)) + data
+
+
+class Records:
+    """The records of one tunnel, read from ``reader`` and given back in order."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._next = 0
+        self._early: dict[int, bytes] = {}
+
+    async def read(self) -> bytes:
+        """The next record's bytes in sequence; ``b""`` once the tunnel ends.
+
+        Raises
+        ------
+        BadRecord
+            A record too long, repeated or too far ahead, or a tunnel ending inside one.
+        """
+        while self._next not in self._early:
+            try:
+                header = await self._reader.readexactly(_HEADER.size)
+            except asyncio.IncompleteReadError as e:
+                if e.partial or self._early:
+                    raise BadRecord("the tunnel ended inside a record") from None
+                return b""
+            sequence, length = _HEADER.unpack(header)
+            ahead = (sequence - self._next) & 0xFFFFFFFF
+            if length > MAX_RECORD or ahead >= MAX_PENDING or sequence in self._early:
+                raise BadRecord(f"record {sequence} ({length} bytes) does not fit after {self._next}")
+            try:
+                self._early[sequence] = await self._reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise BadRecord("the tunnel ended inside a record") from None
+        self._next = (self._next + 1) & 0xFFFFFFFF
+        return self._early.pop((self._next - 1) & 0xFFFFFFFF)
+
+    def at_eof(self) -> bool:
+        return self._reader.at_eof() and not self._early
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.write_eof()
+    except (OSError, RuntimeError):
+        writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -40,48 +109,78 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     except OSError:  # a connection reset or refused
         pass
     finally:
-        try:
-            writer.write_eof()
-        except (OSError, RuntimeError):
-            writer.close()
+        await _close(writer)
 
 
-async def join(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-               b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    """Copy bytes both ways between two connections until both directions end."""
+async def _unframe(records: Records, writer: asyncio.StreamWriter) -> None:
     try:
-        await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
+        while data := await records.read():
+            writer.write(data)
+            await writer.drain()
+    except (OSError, BadRecord):
+        writer.close()  # an abort, not an end: the bytes after this point are not the stream's
     finally:
-        a[1].close()
-        b[1].close()
+        await _close(writer)
+
+
+async def join(tunnel: tuple[Records, asyncio.StreamWriter],
+               local: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Copy bytes both ways between a tunnel and a local connection until both directions end."""
+    try:
+        await asyncio.gather(_unframe(tunnel[0], local[1]), _pipe(local[0], tunnel[1]))
+    finally:
+        tunnel[1].close()
+        local[1].close()
+
+
+Tunnel = tuple[Records, asyncio.StreamWriter]
 
 
 class Backchannel:
-    """Tunnels waiting at ``tunnel_port``, handed to connections at ``scheduler_port``."""
+    """Tunnels taken at ``tunnel_port``: waiting ones handed to connections at
+    ``scheduler_port``, forward ones joined to ``host:<port>`` for a port in ``forward``."""
 
-    def __init__(self, token: bytes, host: str, tunnel_port: int, scheduler_port: int) -> None:
+    def __init__(self, token: bytes, host: str, tunnel_port: int, scheduler_port: int,
+                 forward: tuple[int, ...] = ()) -> None:
         self.token = token
         self.host, self.tunnel_port, self.scheduler_port = host, tunnel_port, scheduler_port
-        self.waiting: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self.forward = forward
+        self.waiting: asyncio.Queue[Tunnel] = asyncio.Queue()
 
-    async def serve(self) -> None:
+    async def serve(self, command: list[str] | None = None) -> int:
+        """Serve until ``command`` (started once listening) exits, with its exit status;
+        without one, forever."""
         tunnels = await asyncio.start_server(self._tunnel, self.host, self.tunnel_port)
         local = await asyncio.start_server(self._local, "127.0.0.1", self.scheduler_port)
         print(f"backchannel ready: tunnels on {self.host}:{self.tunnel_port}, "
               f"scheduler on 127.0.0.1:{self.scheduler_port}", flush=True)
         async with tunnels, local:
-            await asyncio.gather(tunnels.serve_forever(), local.serve_forever())
+            if not command:
+                await asyncio.gather(tunnels.serve_forever(), local.serve_forever())
+                return 0
+            process = await asyncio.create_subprocess_exec(*command)
+            return await process.wait()
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        records = Records(reader)
         try:
-            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), 10)
-        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            hello = await asyncio.wait_for(records.read(), 10)
+        except (BadRecord, TimeoutError, OSError):
+            hello = b""
+        kind, port = hello[TOKEN_BYTES:TOKEN_BYTES + 1], hello[TOKEN_BYTES + 1:]
+        if not hmac.compare_digest(hello[:TOKEN_BYTES], self.token) or len(hello) < TOKEN_BYTES + 1:
             writer.close()
-            return
-        if not hmac.compare_digest(token, self.token):
+        elif kind == WAITING and not port:
+            self.waiting.put_nowait((records, writer))
+        elif kind == FORWARD and len(port) == 2 and struct.unpack(">H", port)[0] in self.forward:
+            try:
+                local = await asyncio.open_connection(self.host, struct.unpack(">H", port)[0])
+            except OSError:
+                writer.close()
+                return
+            await join((records, writer), local)
+        else:
             writer.close()
-            return
-        self.waiting.put_nowait((reader, writer))
 
     async def _local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -99,8 +198,13 @@ class Backchannel:
                 await tunnel[1].drain()
             except OSError:
                 continue
-            await join((reader, writer), tunnel)
+            await join(tunnel, (reader, writer))
             return
+
+
+def hello(token: bytes, kind: bytes, port: int | None = None) -> bytes:
+    """The first record's bytes: the token, the tunnel's kind, a forward tunnel's port."""
+    return token + kind + (struct.pack(">H", port) if port is not None else b"")
 
 
 def source() -> str:
@@ -110,11 +214,16 @@ def source() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="a worker's way back to its scheduler through tunnels")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description="a worker's tunnels to and from its scheduler")
     parser.add_argument("--host", required=True, help="the VM's VPN address")
     parser.add_argument("--tunnels", type=int, required=True, help="port for the requestor's tunnels")
     parser.add_argument("--scheduler", type=int, required=True, help="local port the worker dials")
-    parser.add_argument("--token", required=True, help="what each tunnel begins with, in hex")
+    parser.add_argument("--forward", type=int, action="append", default=[],
+                        help="a port of the worker's that forward tunnels may reach (repeatable)")
+    parser.add_argument("--token", required=True, help="what each tunnel's first record begins with, in hex")
     args = parser.parse_args(argv)
     try:
         token = bytes.fromhex(args.token)
@@ -122,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         token = b""
     if len(token) != TOKEN_BYTES:
         sys.exit(f"--token must be {TOKEN_BYTES} bytes in hex")
-    asyncio.run(Backchannel(token, args.host, args.tunnels, args.scheduler).serve())
+    channel = Backchannel(token, args.host, args.tunnels, args.scheduler, tuple(args.forward))
+    sys.exit(asyncio.run(channel.serve(command)))
 
 
 if __name__ == "__main__":

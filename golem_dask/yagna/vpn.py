@@ -14,7 +14,13 @@ cluster over that:
   scheduler on this machine;
 - :class:`LocalForward` and :func:`route`: the scheduler's own connections to a worker
   (to fetch results, say) go to the worker's VPN address; this process's Dask comms are
-  sent through a local port that tunnels to it.
+  sent through a local port whose connections the backchannel joins to the worker's port.
+
+Every tunnel ends at the backchannel, and what this side sends into one goes as numbered
+records (:class:`Sender`): yagna 0.17.6 writes a tunnel's websocket messages into the TCP
+stream out of order when several are in flight (seen here with as few as four 4 KiB
+messages; a 4 MiB stream arrived with 16 KiB messages swapped), and a worker's TLS then
+fails on the first swapped record.  The backchannel puts them back in order.
 
 TLS runs end to end between scheduler and workers through all of it: the daemons and the
 backchannel carry ciphertext.  Traffic between workers never touches this machine.
@@ -31,7 +37,7 @@ from typing import Any
 
 from golem_dask.errors import NetworkError
 from golem_dask.yagna.api import OK, YagnaApi
-from golem_dask.yagna.backchannel import GO, TOKEN_BYTES
+from golem_dask.yagna.backchannel import FORWARD, GO, TOKEN_BYTES, WAITING, hello, record
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +100,34 @@ class VpnNetwork:
         await self.api.call("DELETE", f"{NET_API}/{self.id}", ok=(*OK, 404))
 
 
-async def _to_websocket(reader: asyncio.StreamReader, ws: Any) -> None:
-    while data := await reader.read(_READ):
+class Sender:
+    """What this side sends into one tunnel, as the backchannel's numbered records (the
+    daemon may reorder a tunnel's websocket messages; the backchannel puts them back)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._sequence = 0
+
+    async def send(self, data: bytes) -> None:
         for at in range(0, len(data), _WS_PIECE):
-            await ws.send_bytes(data[at:at + _WS_PIECE])
+            await self.ws.send_bytes(record(self._sequence, data[at:at + _WS_PIECE]))
+            self._sequence += 1
+
+
+async def open_tunnel(net: VpnNetwork, ip: str, port: int, hello: bytes) -> Sender:
+    """A tunnel to the backchannel at ``ip:port``, its first record ``hello`` sent."""
+    sender = Sender(await net.tunnel(ip, port))
+    try:
+        await sender.send(hello)
+    except BaseException:
+        await sender.ws.close()
+        raise
+    return sender
+
+
+async def _to_websocket(reader: asyncio.StreamReader, sender: Sender) -> None:
+    while data := await reader.read(_READ):
+        await sender.send(data)
 
 
 async def _from_websocket(ws: Any, writer: asyncio.StreamWriter) -> None:
@@ -110,10 +140,11 @@ async def _from_websocket(ws: Any, writer: asyncio.StreamWriter) -> None:
         await writer.drain()
 
 
-async def splice(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def splice(sender: Sender, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Carry bytes both ways between a tunnel and a local connection until one side ends;
     then both are closed."""
-    pumps = [asyncio.ensure_future(_to_websocket(reader, ws)), asyncio.ensure_future(_from_websocket(ws, writer))]
+    pumps = [asyncio.ensure_future(_to_websocket(reader, sender)),
+             asyncio.ensure_future(_from_websocket(sender.ws, writer))]
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -121,7 +152,7 @@ async def splice(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWr
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
         writer.close()
-        await ws.close()
+        await sender.ws.close()
 
 
 class _Tasks:
@@ -143,13 +174,18 @@ class _Tasks:
 
 
 class LocalForward:
-    """A port on ``127.0.0.1`` whose connections are tunnelled to ``ip:port`` on ``net``."""
+    """A port on ``127.0.0.1`` whose connections reach the worker's ``target`` port in
+    its VM, through forward tunnels to the backchannel at ``ip:port``."""
 
-    def __init__(self, net: VpnNetwork, ip: str, port: int) -> None:
-        self.net, self.ip, self.port = net, ip, port
+    def __init__(self, net: VpnNetwork, ip: str, port: int, token: bytes, target: int) -> None:
+        self.net, self.ip, self.port, self.target = net, ip, port, target
+        self._hello = hello(token, FORWARD, target)
         self._server: asyncio.Server | None = None
         self._tasks = _Tasks()
         self.address = ""
+
+    def __repr__(self) -> str:  # the token stays out
+        return f"LocalForward({self.address} -> {self.ip}:{self.target})"
 
     async def start(self) -> LocalForward:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -158,12 +194,12 @@ class LocalForward:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            ws = await self.net.tunnel(self.ip, self.port)
+            sender = await open_tunnel(self.net, self.ip, self.port, self._hello)
         except (NetworkError, OSError) as e:
             logger.info("no tunnel to %s:%d: %s", self.ip, self.port, e)
             writer.close()
             return
-        self._tasks.spawn(splice(ws, reader, writer))
+        self._tasks.spawn(splice(sender, reader, writer))
 
     async def close(self) -> None:
         if self._server is not None:
@@ -172,9 +208,9 @@ class LocalForward:
 
 
 class TunnelPool:
-    """``spares`` tunnels kept open to the backchannel at ``ip:port``; each one the worker
-    takes is joined to a new connection to ``scheduler`` (``host:port`` on this machine)
-    and replaced."""
+    """``spares`` waiting tunnels kept open to the backchannel at ``ip:port``; each one
+    the worker takes is joined to a new connection to ``scheduler`` (``host:port`` on
+    this machine) and replaced."""
 
     def __init__(self, net: VpnNetwork, ip: str, port: int, scheduler: str, spares: int = 3,
                  token: bytes | None = None) -> None:
@@ -198,31 +234,30 @@ class TunnelPool:
         failures = 0
         while True:
             try:
-                ws = await self.net.tunnel(self.ip, self.port)
+                sender = await open_tunnel(self.net, self.ip, self.port, hello(self.token, WAITING))
             except (NetworkError, OSError) as e:
                 failures += 1
                 logger.debug("tunnel to %s:%d failed (%d): %s", self.ip, self.port, failures, e)
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0
-            await ws.send_bytes(self.token)
-            first = await _taken(ws)
+            first = await _taken(sender.ws)
             if first is not None:
-                self._tasks.spawn(self._join(ws, first))
+                self._tasks.spawn(self._join(sender, first))
             else:
-                await ws.close()
+                await sender.ws.close()
                 await asyncio.sleep(0.2)
 
-    async def _join(self, ws: Any, first: bytes) -> None:
+    async def _join(self, sender: Sender, first: bytes) -> None:
         try:
             reader, writer = await asyncio.open_connection(*self._scheduler)
         except OSError as e:
             logger.warning("the scheduler at %s:%d refused a worker's connection: %s", *self._scheduler, e)
-            await ws.close()
+            await sender.ws.close()
             return
         self.joined += 1
         writer.write(first)  # what the worker sent right after the signal, in the same message
-        await splice(ws, reader, writer)
+        await splice(sender, reader, writer)
 
     async def close(self) -> None:
         await self._tasks.cancel()
