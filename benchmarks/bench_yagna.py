@@ -184,7 +184,7 @@ def main() -> int:
                                      threads=4, debit_note_interval_s=5, workdir=Path(tmp) / "provider",
                                      price_per_second=Decimal("0.0001"), price_per_cpu_second=Decimal("0.0002"))
         config = {"golem.yagna.subnet": name, "golem.yagna.collection-window": 0, "golem.yagna.image": IMAGE,
-                  "golem.market.agreement-lifetime": "10m"}
+                  "golem.market.agreement-lifetime": "10m", "golem.yagna.connectivity": "direct"}
         with provider, dask.config.set(config):
             golem(args.workers)  # warm-up: imports, the first TLS material
             for i in range(args.rounds):

@@ -24,7 +24,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from golem_dask import config
 from golem_dask.errors import ActivityError, GolemDaskError
-from golem_dask.market.base import Market
+from golem_dask.market.base import Market, WorkerLink
 from golem_dask.market.negotiation import Deal, Negotiator
 from golem_dask.payment.accountant import Accountant
 from golem_dask.payment.bill import EntryStatus
@@ -120,6 +120,7 @@ class Rental:
         self._script_sent = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self._released = False
+        self.link: WorkerLink | None = None  # the market's way between worker and scheduler
 
     def __repr__(self) -> str:
         agreement = self.deal.agreement.id[:8] if self.deal else "-"
@@ -155,13 +156,19 @@ class Rental:
         self._watch = asyncio.create_task(self._follow(activity.id), name=f"golem-watch-{self.name}")
         self._script_sent.set()
         tls = p.ca.worker_commands(self.name) if p.ca is not None else []
-        await self._exec([ExeCommand("deploy"), ExeCommand("start"), *tls, *p.setup])
+        self.link = await p.market.worker_link(deal.agreement)
+        deploy = await self.link.join() if self.link is not None else {}
+        await self._exec([ExeCommand("deploy", deploy), ExeCommand("start"), *tls, *p.setup])
 
     async def run(self, args: Sequence[str]) -> None:
         """Start ``dask worker`` with ``args`` in the prepared activity."""
         assert self.deal is not None and self.activity_id is not None
         env = {"GOLEM_AGREEMENT_ID": self.deal.agreement.id, "GOLEM_ACTIVITY_ID": self.activity_id}
-        await self._exec([ExeCommand("run", {"entry_point": "dask", "args": list(args), "env": env})])
+        entry_point, argv = "dask", list(args)
+        if self.link is not None:
+            await self.link.start(argv[1].partition("://")[2])
+            entry_point, argv = self.link.command(entry_point, argv)
+        await self._exec([ExeCommand("run", {"entry_point": entry_point, "args": argv, "env": env})])
         # Only a worker that got to run is owed anything.
         self.parts.accountant.activity_started(self.deal.agreement.id)
 
@@ -228,6 +235,8 @@ class Rental:
                     p.events.emit("transfer", f"{self.name}: {line}", worker=self.name)
         if self.activity_id is not None:
             await _attempt(p.market.destroy_activity(self.activity_id), f"stopping {self.name}")
+        if self.link is not None:
+            await _attempt(self.link.close(), f"unlinking {self.name}")
         if agreement_id is not None:
             p.accountant.activity_stopped(agreement_id)
             await _attempt(p.market.terminate_agreement(agreement_id, reason), f"terminating {agreement_id}")

@@ -61,7 +61,9 @@ def requestor(yagna_stack: Any, subnet: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("YAGNA_APPKEY", yagna_stack.requestor_key)
     with dask.config.set({"golem.yagna.subnet": subnet, "golem.yagna.collection-window": 0,
                           "golem.yagna.image": IMAGE, "golem.payment.invoice-timeout": "20s",
-                          "golem.market.agreement-lifetime": "10m"}):
+                          "golem.market.agreement-lifetime": "10m",
+                          # The test provider's workers dial the scheduler; test_yagna_vpn covers vpn.
+                          "golem.yagna.connectivity": "direct"}):
         yield yagna_stack
 
 

@@ -10,18 +10,23 @@ VPN.  The daemon is the real one (:mod:`yagna_stack`).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, Scheduler
 from distributed.security import Security
 from netns_support import unavailable
+from test_yagna import leftovers, providers, requestor, subnet  # noqa: F401
 from yagna_stack import yagna_stack  # noqa: F401
 from yagna_vpn import TestVpn, vpn_unavailable
 
+from golem_dask import GolemCluster
 from golem_dask.yagna import backchannel
 from golem_dask.yagna.api import YagnaApi
 from golem_dask.yagna.vpn import LocalForward, TunnelPool, VpnNetwork, route
@@ -113,3 +118,31 @@ async def _compute_over_the_vpn(stack, tmp_path: Path) -> None:
             listed = await api.call("GET", "/net-api/v2/vpn/net")
             assert net.id not in {n["id"] for n in listed}
         await api.close()
+
+
+def test_a_cluster_on_the_vpn_computes_and_pays_with_workers_that_cannot_reach_this_machine(
+        requestor, subnet, tmp_path):  # noqa: F811
+    """``golem.yagna.connectivity: vpn``: each worker runs in a test VM reachable only
+    through the daemon's VPN, and ``GolemCluster`` computes and pays as with direct dials."""
+    _need_vms()
+    stack = requestor
+    (provider,) = providers(stack, subnet, tmp_path, gsb_url=stack.gsb_url)
+    data = np.arange(600 * 600, dtype="f8").reshape(600, 600)
+    with provider, dask.config.set({"golem.yagna.connectivity": "vpn"}):
+        with GolemCluster(n_workers=2, market="yagna", budget="1", cpu=1, memory="1GiB") as cluster, \
+                Client(cluster) as client:
+            workers = sorted(client.scheduler_info()["workers"])
+            assert [w.rpartition(":")[0] for w in workers] == ["tls://192.168.0.2", "tls://192.168.0.3"]
+            x = da.from_array(data, chunks=150)  # the graph carries the chunks through the tunnels
+            assert float((x + x.T).sum().compute()) == float((data + data.T).sum())
+            namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert sum(f"gdvm{os.getpid() % 100000}" in line for line in namespaces.splitlines()) == 2
+        bill = cluster.bill()
+    assert not provider.errors, provider.errors
+    assert [e.status for e in bill.entries] == ["paid", "paid"], bill
+    assert all(e.tx_hash for e in bill.entries)
+    assert leftovers(stack) == {"allocations": [], "demands": []}
+    with stack.session(stack.requestor_key) as s:
+        assert s.get(f"{stack.api_url}/net-api/v2/vpn/net", timeout=10).json() == []
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"gdvm{os.getpid() % 100000}" not in namespaces

@@ -52,6 +52,8 @@ from urllib.parse import quote
 import aiohttp
 import psutil
 
+from yagna_vpn import TestVpn, VpnHost
+
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.pricing import LinearPricing, quantize
 
@@ -433,6 +435,33 @@ class _Batch:
         return list(self.results)
 
 
+class _Vms:
+    """The provider's VMs on its requestors' VPNs (:mod:`yagna_vpn`), one bus connection per network."""
+
+    def __init__(self, gsb_url: str, provider_id: str) -> None:
+        self.gsb_url, self.provider_id = gsb_url, provider_id
+        self.nets: dict[str, TestVpn] = {}
+        self._lock = asyncio.Lock()
+
+    async def add(self, net_id: str, ip: str) -> VpnHost:
+        async with self._lock:
+            vpn = self.nets.get(net_id)
+            if vpn is None:
+                vpn = TestVpn(self.gsb_url, net_id)
+                await vpn.start()
+                self.nets[net_id] = vpn
+            return await vpn.add_vm(self.provider_id, ip)
+
+    def remove(self, host: VpnHost) -> None:
+        for vpn in self.nets.values():
+            vpn.remove_vm(host)
+
+    async def close(self) -> None:
+        for vpn in self.nets.values():
+            await vpn.close()
+        self.nets.clear()
+
+
 class ExeUnit:
     """One activity's exe-unit: its state, sandbox, batches and processes.
 
@@ -440,8 +469,10 @@ class ExeUnit:
     """
 
     def __init__(self, activity_id: str, agreement_id: str, root: Path, api: _Api,
-                 session: aiohttp.ClientSession, errors: list[str]) -> None:
+                 session: aiohttp.ClientSession, errors: list[str], vms: _Vms | None = None) -> None:
         self.activity_id = activity_id
+        self.vms = vms
+        self.vm: VpnHost | None = None  # with a deploy on a VPN: the VM's namespace
         self.agreement_id = agreement_id
         self.sandbox = Sandbox(root)
         self.meter = _Meter()
@@ -525,6 +556,8 @@ class ExeUnit:
             if self.state != "Initialized":
                 raise CommandError(f"deploy in state {self.state}")
             self.sandbox.create()
+            if args.get("net"):
+                self.vm = await self._join_vpn(args["net"])
             await self.set_state("Deployed")
             return {}
         if name == "start":
@@ -550,11 +583,25 @@ class ExeUnit:
             return {}
         raise CommandError(f"unsupported command {name!r}")
 
+    async def _join_vpn(self, nets: Any) -> VpnHost:
+        """The VM joins the network the deploy names (one, as the requestor sends)."""
+        if self.vms is None:
+            raise CommandError("this provider has no VPN (start it with gsb_url)")
+        if not isinstance(nets, list) or len(nets) != 1 or not isinstance(nets[0], dict):
+            raise CommandError(f"deploy's net must name one network, not {nets!r}")
+        net = nets[0]
+        try:
+            return await self.vms.add(str(net["id"]), str(net["nodeIp"]))
+        except (KeyError, OSError, subprocess.CalledProcessError) as e:
+            raise CommandError(f"cannot join the VPN: {e!r}") from e
+
     async def _run(self, args: dict[str, Any]) -> dict[str, Any]:
         entry = args.get("entry_point")
         if not isinstance(entry, str) or not entry:
             raise CommandError("run needs an entry_point")
         argv = [self.sandbox.rewrite(a) for a in [entry, *(args.get("args") or [])]]
+        if self.vm is not None:
+            argv = self.vm.command(argv)
         n = len(self.processes.pids)
         out, err = self.sandbox.logs / f"{n}.stdout", self.sandbox.logs / f"{n}.stderr"
         try:
@@ -605,6 +652,8 @@ class ExeUnit:
             self.processes.kill()
             self.meter.stop()
             await self.processes.reap_all(timeout_s)
+            if self.vm is not None and self.vms is not None:
+                self.vms.remove(self.vm)
             await self._tasks.cancel()
             self._running.clear()
             self.state = "Terminated"
@@ -946,9 +995,10 @@ class _Activities:
     """Activities of approved agreements: an exe-unit bound on the GSB for each, until destroyed."""
 
     def __init__(self, api: _Api, session: aiohttp.ClientSession, workdir: Path, market: _Market,
-                 billing: _Billing, errors: list[str]) -> None:
+                 billing: _Billing, errors: list[str], vms: _Vms | None = None) -> None:
         self._api = api
         self._session = session
+        self.vms = vms
         self._workdir = workdir
         self._market = market
         self._billing = billing
@@ -988,7 +1038,8 @@ class _Activities:
         if not self._agreement_open(agreement_id):
             logger.warning("activity %s of agreement %s, which is not open", activity_id, agreement_id)
             return
-        unit = ExeUnit(activity_id, agreement_id, self._workdir / activity_id, self._api, self._session, self._errors)
+        unit = ExeUnit(activity_id, agreement_id, self._workdir / activity_id, self._api, self._session, self._errors,
+                       self.vms)
         service = _GsbService(self._api, self._session, activity_id, unit.handle, self._errors)
         self.units[activity_id] = unit
         self.services[activity_id] = service
@@ -1069,6 +1120,9 @@ class YagnaTestProvider:
         a temporary directory removed by :meth:`close` when not given.
     close_timeout_s
         The most :meth:`close` waits for the daemon before it kills what is left.
+    gsb_url
+        The daemon's bus: with it, an activity deployed on a requestor's VPN runs in a
+        test VM on that network (:mod:`yagna_vpn`); without, such a deploy fails.
 
     Attributes for tests (snapshots, safe to read from any thread): :attr:`offer_id`,
     :attr:`properties`, :attr:`pricing`, :attr:`agreements`, :attr:`activities`,
@@ -1095,8 +1149,10 @@ class YagnaTestProvider:
                  storage_gib: float = 10.0, price_per_second: Decimal = Decimal("0.0001"),
                  price_per_cpu_second: Decimal = Decimal("0.0002"), start_price: Decimal = Decimal(0),
                  debit_note_interval_s: float = 2, invoice_markup: Decimal = Decimal(1),
-                 workdir: Path | str | None = None, close_timeout_s: float = 20.0) -> None:
+                 workdir: Path | str | None = None, close_timeout_s: float = 20.0,
+                 gsb_url: str | None = None) -> None:
         self.api_url = api_url
+        self._gsb_url = gsb_url
         self.provider_id = provider_id.lower()
         self.platform = platform
         self.subnet = subnet
@@ -1147,7 +1203,8 @@ class YagnaTestProvider:
         billing = _Billing(api, self.pricing, self._debit_note_interval_s, self._markup, self.errors)
         market = _Market(api, self.properties, self.subnet, self.provider_id, self.platform,
                          self._on_terminated, self.errors)
-        activities = _Activities(api, session, self._workdir, market, billing, self.errors)
+        vms = _Vms(self._gsb_url, self.provider_id) if self._gsb_url else None
+        activities = _Activities(api, session, self._workdir, market, billing, self.errors, vms)
         self._parts = _Parts(session, market, billing, activities)
         me = await api.call("GET", "/me")
         if str(me.get("identity", "")).lower() != self.provider_id:
@@ -1232,6 +1289,8 @@ class YagnaTestProvider:
                     self._end(agreement_id, terminate=True)
             await asyncio.gather(*self._endings.values(), return_exceptions=True)
             await parts.activities.retire_all()
+            if parts.activities.vms is not None:
+                await parts.activities.vms.close()
             await parts.billing.stop()
         finally:
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

@@ -133,6 +133,12 @@ class TestVpn:
         asyncio.get_running_loop().add_reader(fd, self._from_vm, host)
         return host
 
+    def remove_vm(self, host: VpnHost) -> None:
+        """The VM's processes are killed and its namespace removed."""
+        if self._hosts.pop(host.ip, None) is host:
+            asyncio.get_running_loop().remove_reader(host.fd)
+            host.stop()
+
     async def _to_vm(self, caller: str, address: str, frame: bytes) -> None:
         if address.endswith("/raw"):
             target = self._hosts.get(_destination(frame) or "")
@@ -155,9 +161,6 @@ class TestVpn:
                 self._gsb.push(host.node_id, f"/public/vpn/{self.net_id}/raw", frame)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for host in self._hosts.values():
-            loop.remove_reader(host.fd)
-            host.stop()
-        self._hosts.clear()
+        for host in list(self._hosts.values()):
+            self.remove_vm(host)
         await self._gsb.close()

@@ -20,6 +20,7 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, Protocol
 
 from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import (
@@ -53,6 +54,23 @@ MarketEvent = OfferReceived | OfferWithdrawn
 PaymentDocument = DebitNote | Invoice
 
 
+class WorkerLink(Protocol):
+    """A worker's connections to the scheduler through the market's network (see
+    :meth:`Market.worker_link`): joined before deploy, started once the worker runs."""
+
+    async def join(self) -> dict[str, Any]:
+        """Add the worker's machine to the network; the deploy command's arguments."""
+
+    def command(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
+        """The worker's command (``dask worker <scheduler> ...``) as its machine runs it."""
+
+    async def start(self, scheduler: str) -> None:
+        """Carry the worker's connections to ``scheduler`` (``host:port`` here) and back."""
+
+    async def close(self) -> None:
+        """Stop carrying them and take the machine off the network."""
+
+
 class Market(abc.ABC):
     """The requestor's side of a market backend."""
 
@@ -74,6 +92,12 @@ class Market(abc.ABC):
         The cluster calls this before :meth:`start` with its payer's wallet; a backend
         given a wallet at construction keeps that one.
         """
+
+    async def worker_link(self, agreement: Agreement) -> WorkerLink | None:
+        """How the worker of ``agreement`` and the scheduler reach each other where the
+        worker cannot dial this machine (a VPN of the market's), or None: it dials the
+        scheduler directly."""
+        return None
 
     def scheduler_host(self) -> str | None:
         """The address of this machine that the market's providers can reach (the

@@ -211,6 +211,8 @@ def exe_script(commands: Sequence[ExeCommand]) -> list[dict[str, Any]]:
             env = [f"{k}={v}" for k, v in dict(args.get("env") or {}).items()]
             script.append({"run": {"entry_point": "/usr/bin/env",
                                    "args": [*env, str(args["entry_point"]), *[str(a) for a in args.get("args", ())]]}})
+        elif command.command == "deploy":
+            script.append({"deploy": dict(args)})  # a VPN's "net", if any
         else:
             script.append({command.command: {}})
     return script

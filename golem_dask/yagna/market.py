@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from golem_dask import config
-from golem_dask.errors import MarketError, ProposalRejected
-from golem_dask.market.base import Market, MarketEvent, PaymentDocument
+from golem_dask.errors import ConfigError, MarketError, NetworkError, ProposalRejected
+from golem_dask.market.base import Market, MarketEvent, PaymentDocument, WorkerLink
 from golem_dask.protocol.messages import (
     Activity,
     Agreement,
@@ -38,6 +38,8 @@ from golem_dask.yagna.activities import Activities
 from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError, iso
 from golem_dask.yagna.documents import Documents
 from golem_dask.yagna.proposals import Proposals, scan_offers
+from golem_dask.yagna.vpn import VpnNetwork
+from golem_dask.yagna.vpn import WorkerLink as VpnWorkerLink
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,15 @@ class YagnaMarket(Market):
     bills_whole_activity = True
     #: The daemon accepts a debit note or invoice only for its whole amount (400 otherwise).
     accepts_part = False
-    unreachable_hint = ("a provider's VM on the public Golem network cannot connect to this machine: the "
-                        "scheduler must run in a rented VM with the workers on a VPN, which golem-dask does not "
-                        "do yet (README, 'How workers reach a scheduler'); providers you run yourself on a "
-                        "network that reaches golem.cluster.scheduler-host work")
+    @property
+    def unreachable_hint(self) -> str:  # type: ignore[override]
+        if self.connectivity == "vpn":
+            return ("on golem.yagna.connectivity vpn the worker reaches it through the daemon's tunnels to its VM, "
+                    "under a backchannel that runs with the VM's python3: the image needs python3, and the "
+                    "daemon's log tells whether the tunnels opened")
+        return ("a provider's VM on the public Golem network cannot connect to this machine: set "
+                "golem.yagna.connectivity to vpn (workers then reach the scheduler through the daemon's VPN); "
+                "with direct, only providers that reach golem.cluster.scheduler-host work")
 
     def __init__(self, daemon: YagnaDaemon, subnet: str | None = None) -> None:
         self.daemon = daemon
@@ -78,6 +85,11 @@ class YagnaMarket(Market):
         self._closed = False
         #: Agreements given up mid-confirmation, being cancelled or terminated on the daemon.
         self._abandoning: set[asyncio.Task[None]] = set()
+        self.connectivity = str(config.get("yagna.connectivity"))
+        if self.connectivity not in ("vpn", "direct"):
+            raise ConfigError(f"golem.yagna.connectivity is vpn or direct, not {self.connectivity!r}")
+        self._network: VpnNetwork | None = None
+        self._network_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"YagnaMarket({self.api.url!r}, subnet={self.subnet!r})"
@@ -88,6 +100,15 @@ class YagnaMarket(Market):
             await self.daemon.start()
             self.documents.start()
 
+    async def worker_link(self, agreement: Agreement) -> WorkerLink | None:
+        """With ``golem.yagna.connectivity: vpn``: the worker's VM on the cluster's VPN."""
+        if self.connectivity != "vpn":
+            return None
+        async with self._network_lock:
+            if self._network is None:
+                self._network = await VpnNetwork.create(self.api, self.daemon.identity)
+        return VpnWorkerLink(self._network, agreement.provider_id)
+
     async def close(self) -> None:
         if self._closed or not self._started:
             return
@@ -96,6 +117,11 @@ class YagnaMarket(Market):
             with contextlib.suppress(Exception):
                 await self.unsubscribe(sub_id)
         await self.activities.close()
+        if self._network is not None:
+            try:
+                await self._network.delete()
+            except (NetworkError, YagnaError) as e:
+                logger.warning("the cluster's VPN %s could not be removed from the daemon: %s", self._network.id, e)
         if self._abandoning:
             await asyncio.wait(set(self._abandoning), timeout=config.seconds("yagna.call-timeout"))
         await self.documents.close()

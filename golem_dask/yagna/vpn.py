@@ -32,11 +32,11 @@ import asyncio
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from golem_dask.errors import NetworkError
-from golem_dask.yagna.api import OK, YagnaApi
+from golem_dask.yagna.api import OK, YagnaApi, YagnaError
 from golem_dask.yagna.backchannel import FORWARD, GO, TOKEN_BYTES, WAITING, hello, record
 
 logger = logging.getLogger(__name__)
@@ -321,3 +321,63 @@ def route(vpn_address: str, local_address: str) -> Callable[[], None]:
 
     return undo
 
+
+
+class WorkerLink:
+    """One worker's ways on the VPN: its VM's address, its deploy argument, its command
+    under the backchannel, and (:meth:`start`) the requestor's tunnels to it.
+
+    In the VM the worker dials its scheduler at ``127.0.0.1:SCHEDULER_PORT`` (the
+    backchannel), listens on ``<its address>:WORKER_PORT`` (other workers reach it
+    there; the scheduler, through the backchannel), and the backchannel takes the
+    requestor's tunnels on ``TUNNEL_PORT``.
+    """
+
+    SCHEDULER_PORT, TUNNEL_PORT, WORKER_PORT = 8786, 7000, 9000
+
+    def __init__(self, net: VpnNetwork, node_id: str) -> None:
+        self.net, self.node_id = net, node_id
+        self.ip = net.allocate()
+        self.token = os.urandom(TOKEN_BYTES)
+        self._pool: TunnelPool | None = None
+        self._forward: LocalForward | None = None
+        self._unroute: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:  # the token stays out
+        return f"WorkerLink({self.ip}, node={self.node_id})"
+
+    async def join(self) -> dict[str, Any]:
+        """Add the VM to the network; the deploy command's arguments."""
+        await self.net.add_node(self.node_id, self.ip)
+        return {"net": [self.net.deploy_argument(self.ip)]}
+
+    def command(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
+        """``entry_point args`` (``dask worker <scheduler> ...``) as the VM runs it: under
+        the backchannel, dialling it for the scheduler, listening on the VPN address."""
+        from golem_dask.yagna import backchannel
+
+        worker = list(args)
+        scheme = worker[1].partition("://")[0] if len(worker) > 1 and "://" in worker[1] else "tcp"
+        worker[1] = f"{scheme}://127.0.0.1:{self.SCHEDULER_PORT}"
+        worker += ["--listen-address", f"{scheme}://{self.ip}:{self.WORKER_PORT}"]
+        return "python3", ["-c", backchannel.source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
+                           "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.WORKER_PORT),
+                           "--token", self.token.hex(), "--", entry_point, *worker]
+
+    async def start(self, scheduler: str) -> None:
+        """Keep tunnels open for the worker's connections to ``scheduler`` (``host:port``
+        here), and send this process's connections to the worker through the backchannel."""
+        self._pool = TunnelPool(self.net, self.ip, self.TUNNEL_PORT, scheduler, token=self.token).start()
+        self._forward = await LocalForward(self.net, self.ip, self.TUNNEL_PORT, self.token, self.WORKER_PORT).start()
+        self._unroute = route(f"{self.ip}:{self.WORKER_PORT}", self._forward.address)
+
+    async def close(self) -> None:
+        if self._unroute is not None:
+            self._unroute()
+        for part in (self._pool, self._forward):
+            if part is not None:
+                await part.close()
+        try:
+            await self.net.remove_node(self.ip)
+        except (NetworkError, YagnaError) as e:
+            logger.info("removing %s from the VPN failed: %s", self.ip, e)
