@@ -1,15 +1,18 @@
 """The backchannel a worker's VM runs, on loopback: tunnels need the worker's token, their
 records are put back in order, a waiting tunnel taken by the worker carries its bytes from
-the first one on, and a forward tunnel reaches only the worker's listed ports."""
+the first one on, and a forward tunnel reaches only the worker's listed ports.  Also the
+VPN's addresses: reused only once their VM left, and a range checked with the setting named."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 
 import aiohttp
 import pytest
 
+from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.yagna import backchannel, vpn
 from golem_dask.yagna.backchannel import FORWARD, GO, WAITING, Backchannel, BadRecord, Records, hello, record
 
@@ -149,3 +152,28 @@ def test_the_bytes_that_arrive_with_the_signal_are_kept() -> None:
     assert asyncio.run(vpn._taken(_OneMessage(GO + b"\x16\x03\x01 TLS hello"))) == b"\x16\x03\x01 TLS hello"
     assert asyncio.run(vpn._taken(_OneMessage(GO))) == b""
     assert asyncio.run(vpn._taken(_OneMessage(b"\x00"))) is None
+
+
+def test_a_vm_address_is_given_again_only_once_its_vm_left_and_every_new_one_is_used() -> None:
+    net = vpn.VpnNetwork(None, "net", ipaddress.IPv4Network("10.0.0.0/29"), "0xrequestor")  # hosts .1-.6
+    assert net.requestor_ip == "10.0.0.1"
+    first = [net.allocate() for _ in range(5)]
+    assert first == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    with pytest.raises(NetworkError, match="no free address"):
+        net.allocate()
+    net.nodes["10.0.0.4"] = "0xnode"  # still on the network: not given back
+    net.release("10.0.0.4")
+    del net.nodes["10.0.0.4"]
+    net.release("10.0.0.3")
+    net.release("10.0.0.5")
+    net.release("10.0.0.3")  # twice: once in the queue
+    assert [net.allocate(), net.allocate()] == ["10.0.0.3", "10.0.0.5"]
+    with pytest.raises(NetworkError):
+        net.allocate()
+
+
+def test_a_vpn_range_that_is_not_a_network_is_refused_with_the_setting_to_fix() -> None:
+    assert vpn.vpn_range("10.1.0.0/16") == "10.1.0.0/16"
+    for bad in ("192.168.0.1/24", "10.0.0.0/31", "nonsense", None):
+        with pytest.raises(ConfigError, match="golem.yagna.vpn-range"):
+            vpn.vpn_range(bad)

@@ -38,7 +38,7 @@ from golem_dask.yagna.activities import Activities
 from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError, iso
 from golem_dask.yagna.documents import Documents
 from golem_dask.yagna.proposals import Proposals, scan_offers
-from golem_dask.yagna.vpn import VpnNetwork
+from golem_dask.yagna.vpn import VpnNetwork, vpn_range
 from golem_dask.yagna.vpn import WorkerLink as VpnWorkerLink
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class YagnaMarket(Market):
         self.connectivity = str(config.get("yagna.connectivity"))
         if self.connectivity not in ("vpn", "direct"):
             raise ConfigError(f"golem.yagna.connectivity is vpn or direct, not {self.connectivity!r}")
+        self.vpn_range = vpn_range(config.get("yagna.vpn-range"))
         self._network: VpnNetwork | None = None
         self._network_lock = asyncio.Lock()
 
@@ -106,7 +107,7 @@ class YagnaMarket(Market):
             return None
         async with self._network_lock:
             if self._network is None:
-                self._network = await VpnNetwork.create(self.api, self.daemon.identity)
+                self._network = await VpnNetwork.create(self.api, self.daemon.identity, self.vpn_range)
         return VpnWorkerLink(self._network, agreement.provider_id)
 
     async def close(self) -> None:

@@ -29,13 +29,14 @@ backchannel carry ciphertext.  Traffic between workers never touches this machin
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from golem_dask.errors import NetworkError
+from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.yagna.api import OK, YagnaApi, YagnaError
 from golem_dask.yagna.backchannel import FORWARD, GO, TOKEN_BYTES, WAITING, hello, record
 
@@ -45,6 +46,23 @@ NET_API = "/net-api/v2/vpn/net"
 #: The daemon closes a tunnel on a websocket message much over 64 KiB: send in pieces.
 _WS_PIECE = 16 * 1024
 _READ = 64 * 1024
+
+
+def vpn_range(value: Any) -> str:
+    """``golem.yagna.vpn-range`` checked: an IPv4 network with room for the requestor and VMs.
+
+    Raises
+    ------
+    ConfigError
+        For anything else, naming the setting.
+    """
+    try:
+        if ipaddress.IPv4Network(str(value)).num_addresses < 4:
+            raise ValueError("no room for the requestor and two VMs")
+    except ValueError as e:
+        raise ConfigError(f"golem.yagna.vpn-range {value!r} is not a usable IPv4 network, like 192.168.0.0/24: "
+                          f"{e}") from None
+    return str(value)
 
 
 class VpnNetwork:
@@ -58,6 +76,7 @@ class VpnNetwork:
         self._hosts = network.hosts()
         self.requestor_ip = str(next(self._hosts))  # the daemon gives the requestor the first host
         self.nodes: dict[str, str] = {}  # ip -> node id
+        self._released: collections.deque[str] = collections.deque()  # given back, oldest first
 
     def __repr__(self) -> str:
         return f"VpnNetwork({self.id!r}, {str(self.network)!r}, nodes={len(self.nodes)})"
@@ -70,11 +89,20 @@ class VpnNetwork:
         return cls(api, str(body["id"]), network, requestor_id)
 
     def allocate(self) -> str:
-        """The next free address for a VM."""
+        """A free address for a VM: the next never used, then the one given back longest ago
+        (a cluster renewing its workers for days outlives any range)."""
         try:
             return str(next(self._hosts))
         except StopIteration:
-            raise NetworkError(f"the VPN {self.network} has no free address left") from None
+            if self._released:
+                return self._released.popleft()
+            raise NetworkError(f"the VPN {self.network} has no free address left: every one holds a worker; "
+                               "a larger range (golem.yagna.vpn-range) holds more") from None
+
+    def release(self, ip: str) -> None:
+        """``ip`` may be given to another VM (its own has left the network)."""
+        if ip not in self.nodes and ip not in self._released:
+            self._released.append(ip)
 
     async def add_node(self, node_id: str, ip: str) -> None:
         await self.api.call("POST", f"{NET_API}/{self.id}/nodes", body={"id": node_id.lower(), "ip": ip},
@@ -381,3 +409,5 @@ class WorkerLink:
             await self.net.remove_node(self.ip)
         except (NetworkError, YagnaError) as e:
             logger.info("removing %s from the VPN failed: %s", self.ip, e)
+            return  # the address may still be the old VM's: not given to another
+        self.net.release(self.ip)
