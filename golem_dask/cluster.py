@@ -110,6 +110,16 @@ def yagna_plan(runtime: Any, image: str | None) -> RuntimePlan:
     return RuntimePlan("vm", "vm", str(image))
 
 
+def yagna_constraints(constraints: str | None) -> str | None:
+    """The demand's own constraints on the yagna market: with ``golem.yagna.connectivity:
+    vpn``, providers whose VMs can join a VPN only (``golem.runtime.capabilities``)."""
+    own = config.get("demand.constraints", constraints)
+    if config.get("yagna.connectivity") != "vpn":
+        return own
+    vpn = "(golem.runtime.capabilities=vpn)"
+    return f"(&{own}{vpn})" if own else vpn
+
+
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
@@ -254,6 +264,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         backend = backend_of(market)
         if backend == "yagna":
             plan = yagna_plan(runtime, image)
+            constraints = yagna_constraints(constraints)
         else:
             plan = plan_runtime(config.get("demand.runtime", runtime), config.get("demand.image", image),
                                 embedded=backend == "local")

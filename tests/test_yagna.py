@@ -125,6 +125,21 @@ def test_a_cluster_on_yagna_needs_a_vm_image_and_a_daemon(requestor: Any, monkey
         GolemCluster(market="yagna")
 
 
+def test_on_the_vpn_the_demand_asks_for_vms_that_can_join_one() -> None:
+    from golem_dask.cluster import yagna_constraints
+    from golem_dask.protocol import constraints as C
+
+    vm = {"golem.runtime.name": "vm", "golem.inf.cpu.threads": 4}
+    with dask.config.set({"golem.yagna.connectivity": "vpn"}):
+        asked = C.parse(yagna_constraints("(golem.inf.cpu.threads>=2)"))
+        assert C.explain(asked, {**vm, "golem.runtime.capabilities": ["inet", "vpn"]}) == []
+        assert C.explain(asked, {**vm, "golem.runtime.capabilities": ["inet"]}) != []
+        assert C.explain(asked, {**vm, "golem.inf.cpu.threads": 1, "golem.runtime.capabilities": ["vpn"]}) != []
+        assert yagna_constraints(None) == "(golem.runtime.capabilities=vpn)"
+    with dask.config.set({"golem.yagna.connectivity": "direct"}):
+        assert yagna_constraints("(golem.inf.cpu.threads>=2)") == "(golem.inf.cpu.threads>=2)"
+
+
 async def _rent_and_settle(stack: Any, provider: YagnaTestProvider, subnet: str) -> tuple[AgreementAccount, int]:
     """One agreement through YagnaMarket, YagnaPayer, the negotiator and the accountant:
     the account as settled, and how much the provider's balance rose."""

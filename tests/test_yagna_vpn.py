@@ -131,6 +131,7 @@ def test_a_cluster_on_the_vpn_computes_and_pays_with_workers_that_cannot_reach_t
     with provider, dask.config.set({"golem.yagna.connectivity": "vpn"}):
         with GolemCluster(n_workers=2, market="yagna", budget="1", cpu=1, memory="1GiB") as cluster, \
                 Client(cluster) as client:
+            assert "(golem.runtime.capabilities=vpn)" in str(cluster.spec.constraints)
             workers = sorted(client.scheduler_info()["workers"])
             assert [w.rpartition(":")[0] for w in workers] == ["tls://192.168.0.2", "tls://192.168.0.3"]
             x = da.from_array(data, chunks=150)  # the graph carries the chunks through the tunnels
