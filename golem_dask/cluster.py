@@ -263,8 +263,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         quiet_expected_noise()
         backend = backend_of(market)
         if backend == "yagna":
-            plan = yagna_plan(runtime, image)
-            constraints = yagna_constraints(constraints)
+            plan, constraints = yagna_plan(runtime, image), yagna_constraints(constraints)
         else:
             plan = plan_runtime(config.get("demand.runtime", runtime), config.get("demand.image", image),
                                 embedded=backend == "local")
