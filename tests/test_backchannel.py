@@ -1,7 +1,9 @@
 """The backchannel a worker's VM runs, on loopback: tunnels need the worker's token, their
 records are put back in order, a waiting tunnel taken by the worker carries its bytes from
-the first one on, and a forward tunnel reaches only the worker's listed ports.  Also the
-VPN's addresses: reused only once their VM left, and a range checked with the setting named."""
+the first one on, a forward tunnel reaches only the worker's listed ports, and a stranger
+cannot make it hold much.  Also the requestor's side without a daemon: a VM's address is
+given again only once the daemon removed its node, two VPNs in one process route their
+workers apart, a pool's spare tunnels close with it, a range is checked."""
 
 from __future__ import annotations
 
@@ -154,22 +156,127 @@ def test_the_bytes_that_arrive_with_the_signal_are_kept() -> None:
     assert asyncio.run(vpn._taken(_OneMessage(b"\x00"))) is None
 
 
-def test_a_vm_address_is_given_again_only_once_its_vm_left_and_every_new_one_is_used() -> None:
-    net = vpn.VpnNetwork(None, "net", ipaddress.IPv4Network("10.0.0.0/29"), "0xrequestor")  # hosts .1-.6
-    assert net.requestor_ip == "10.0.0.1"
-    first = [net.allocate() for _ in range(5)]
-    assert first == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
-    with pytest.raises(NetworkError, match="no free address"):
-        net.allocate()
-    net.nodes["10.0.0.4"] = "0xnode"  # still on the network: not given back
-    net.release("10.0.0.4")
-    del net.nodes["10.0.0.4"]
-    net.release("10.0.0.3")
-    net.release("10.0.0.5")
-    net.release("10.0.0.3")  # twice: once in the queue
-    assert [net.allocate(), net.allocate()] == ["10.0.0.3", "10.0.0.5"]
-    with pytest.raises(NetworkError):
-        net.allocate()
+class _FakeApi:
+    """The daemon's Net API as far as nodes go: the calls made, and a failure to order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = False
+
+    async def call(self, method: str, path: str, **kwargs: object) -> object:
+        if self.fail:
+            raise NetworkError("the daemon did not answer")
+        self.calls.append((method, path.rpartition("/")[2]))
+        return {}
+
+
+def test_a_vm_address_is_given_again_only_once_the_daemon_removed_its_node() -> None:
+    async def run() -> None:
+        api = _FakeApi()
+        net = vpn.VpnNetwork(api, "net", ipaddress.IPv4Network("10.0.0.0/29"), "0xrequestor")  # hosts .1-.6
+        assert net.requestor_ip == "10.0.0.1"
+        a, b, c = net.allocate(), net.allocate(), net.allocate()
+        assert (a, b, c) == ("10.0.0.2", "10.0.0.3", "10.0.0.4")
+        await net.add_node("0xP", a)
+        await net.add_node("0xP", b)  # the same provider's second VM: the same node
+        api.fail = True
+        with pytest.raises(NetworkError):
+            await net.add_node("0xQ", c)  # the daemon may hold it or not: c is never given again
+        api.fail = False
+        await net.remove_node(c)
+        await net.remove_node(a)  # the node stays for b: a still maps to it on the daemon
+        assert ("DELETE", "0xp") not in api.calls
+        assert [net.allocate(), net.allocate()] == ["10.0.0.5", "10.0.0.6"]
+        with pytest.raises(NetworkError, match="no free address"):
+            net.allocate()
+        await net.remove_node(b)  # the node goes, with both its addresses
+        assert api.calls[-1] == ("DELETE", "0xp")
+        assert [net.allocate(), net.allocate()] == [a, b]
+        with pytest.raises(NetworkError):
+            net.allocate()
+
+    asyncio.run(run())
+
+
+def test_two_vpns_in_one_process_give_their_workers_distinct_routed_addresses() -> None:
+    async def run() -> None:
+        nets = [vpn.VpnNetwork(_FakeApi(), f"net{i}", ipaddress.IPv4Network("192.168.0.0/24"), "0xr")
+                for i in range(2)]
+        links = [vpn.WorkerLink(net, "0xp") for net in nets]
+        assert links[0].ip == links[1].ip == "192.168.0.2"
+        assert links[0].worker_port != links[1].worker_port
+        undo = vpn.route("192.168.0.2:1", "127.0.0.1:2")
+        try:
+            with pytest.raises(NetworkError, match="routed elsewhere"):
+                vpn.route("192.168.0.2:1", "127.0.0.1:3")
+        finally:
+            undo()
+        for link in links:
+            await link.close()
+        assert vpn.WorkerLink(nets[0], "0xp").worker_port == vpn.WorkerLink.WORKER_PORT  # released
+
+    asyncio.run(run())
+
+
+class _SpareWs:
+    """A tunnel the worker never takes."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def receive(self) -> aiohttp.WSMessage:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_closed_tunnel_pool_closes_its_spare_tunnels() -> None:
+    async def run() -> None:
+        opened: list[_SpareWs] = []
+
+        class Net:
+            async def tunnel(self, ip: str, port: int) -> _SpareWs:
+                opened.append(_SpareWs())
+                return opened[-1]
+
+        pool = vpn.TunnelPool(Net(), "10.0.0.2", 7000, "127.0.0.1:1", spares=3, token=TOKEN)  # type: ignore[arg-type]
+        pool.start()
+        for _ in range(100):
+            if len(opened) == 3 and all(ws.sent for ws in opened):
+                break
+            await asyncio.sleep(0.01)
+        assert [ws.sent[0] for ws in opened] == [record(0, hello(TOKEN, WAITING))] * 3
+        await pool.close()
+        assert all(ws.closed for ws in opened)
+
+    asyncio.run(run())
+
+
+def test_records_before_the_hello_are_bounded_and_a_missing_record_ends_the_tunnel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backchannel, "STALL_S", 0.3)
+
+    async def run() -> None:
+        channel, task = await _serving(TOKEN)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
+            for seq in range(1, 6):  # 320 KiB waiting for a hello that never comes: closed at once
+                writer.write(record(seq, b"x" * backchannel.MAX_RECORD))
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+        finally:
+            task.cancel()
+        stream = asyncio.StreamReader()
+        stream.feed_data(record(1, b"late"))  # record 0 never comes, and the tunnel stays open
+        with pytest.raises(BadRecord, match="never came"):
+            await asyncio.wait_for(Records(stream).read(), 5)
+
+    asyncio.run(run())
 
 
 def test_a_vpn_range_that_is_not_a_network_is_refused_with_the_setting_to_fix() -> None:

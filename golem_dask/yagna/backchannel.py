@@ -40,9 +40,13 @@ GO = b"\x01"
 WAITING, FORWARD = b"W", b"F"
 #: How long a worker's connection waits for a tunnel before it is closed.
 WAIT_FOR_TUNNEL_S = 30.0
-#: The largest record, and how many may wait for an earlier one, before a tunnel is closed.
-MAX_RECORD = 1 << 20
+#: The largest record (the requestor sends 16 KiB), and what may wait for an earlier one
+#: (in a tunnel, then before its hello is in) before the tunnel is closed.
+MAX_RECORD = 64 * 1024
 MAX_PENDING = 1024
+MAX_EARLY_BYTES, MAX_EARLY_BYTES_BEFORE_HELLO = 16 << 20, 256 * 1024
+#: How long records may wait for a missing earlier one before the tunnel is closed.
+STALL_S = 60.0
 _HEADER = struct.Struct(">II")
 _CHUNK = 65536
 
@@ -57,12 +61,15 @@ def record(sequence: int, data: bytes) -> bytes:
 
 
 class Records:
-    """The records of one tunnel, read from ``reader`` and given back in order."""
+    """The records of one tunnel, read from ``reader`` and given back in order; at most
+    ``max_early`` bytes wait for an earlier record."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, max_early: int = MAX_EARLY_BYTES) -> None:
         self._reader = reader
+        self.max_early = max_early
         self._next = 0
         self._early: dict[int, bytes] = {}
+        self._early_bytes = 0
 
     async def read(self) -> bytes:
         """The next record's bytes in sequence; ``b""`` once the tunnel ends.
@@ -70,25 +77,33 @@ class Records:
         Raises
         ------
         BadRecord
-            A record too long, repeated or too far ahead, or a tunnel ending inside one.
+            A record too long, repeated or too far ahead, too much waiting for a missing
+            one (or for longer than ``STALL_S``), or a tunnel ending inside one.
         """
         while self._next not in self._early:
             try:
-                header = await self._reader.readexactly(_HEADER.size)
+                header = await asyncio.wait_for(self._reader.readexactly(_HEADER.size),
+                                                STALL_S if self._early else None)
             except asyncio.IncompleteReadError as e:
                 if e.partial or self._early:
                     raise BadRecord("the tunnel ended inside a record") from None
                 return b""
+            except asyncio.TimeoutError:
+                raise BadRecord(f"record {self._next} never came") from None
             sequence, length = _HEADER.unpack(header)
             ahead = (sequence - self._next) & 0xFFFFFFFF
-            if length > MAX_RECORD or ahead >= MAX_PENDING or sequence in self._early:
+            if length > MAX_RECORD or ahead >= MAX_PENDING or sequence in self._early \
+                    or self._early_bytes + length > self.max_early:
                 raise BadRecord(f"record {sequence} ({length} bytes) does not fit after {self._next}")
             try:
                 self._early[sequence] = await self._reader.readexactly(length)
             except asyncio.IncompleteReadError:
                 raise BadRecord("the tunnel ended inside a record") from None
+            self._early_bytes += length
+        data = self._early.pop(self._next)
+        self._early_bytes -= len(data)
         self._next = (self._next + 1) & 0xFFFFFFFF
-        return self._early.pop((self._next - 1) & 0xFFFFFFFF)
+        return data
 
     def at_eof(self) -> bool:
         return self._reader.at_eof() and not self._early
@@ -146,6 +161,7 @@ class Backchannel:
         self.host, self.tunnel_port, self.scheduler_port = host, tunnel_port, scheduler_port
         self.forward = forward
         self.waiting: asyncio.Queue[Tunnel] = asyncio.Queue()
+        self._open: set[asyncio.StreamWriter] = set()  # every connection, closed at the end
 
     async def serve(self, command: list[str] | None = None) -> int:
         """Serve until ``command`` (started once listening) exits, with its exit status;
@@ -154,51 +170,87 @@ class Backchannel:
         local = await asyncio.start_server(self._local, "127.0.0.1", self.scheduler_port)
         print(f"backchannel ready: tunnels on {self.host}:{self.tunnel_port}, "
               f"scheduler on 127.0.0.1:{self.scheduler_port}", flush=True)
-        async with tunnels, local:
+        try:
             if not command:
                 await asyncio.gather(tunnels.serve_forever(), local.serve_forever())
                 return 0
             process = await asyncio.create_subprocess_exec(*command)
             return await process.wait()
+        finally:
+            # Not waiting for the connections (Python 3.12's wait_closed would): spare
+            # tunnels stay open until closed here.
+            tunnels.close()
+            local.close()
+            for writer in list(self._open):
+                writer.close()
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        records = Records(reader)
+        self._open.add(writer)
+        try:
+            if await self._take(Records(reader, MAX_EARLY_BYTES_BEFORE_HELLO), writer):
+                return  # waiting: the connection that takes it forgets it
+        except BaseException:
+            writer.close()
+            raise
+        self._open.discard(writer)
+
+    async def _take(self, records: Records, writer: asyncio.StreamWriter) -> bool:
+        """Authenticate a tunnel and serve it as its kind says; whether it now waits."""
         try:
             hello = await asyncio.wait_for(records.read(), 10)
-        except (BadRecord, TimeoutError, OSError):
+        except (BadRecord, asyncio.TimeoutError, OSError):
             hello = b""
+        records.max_early = MAX_EARLY_BYTES
         kind, port = hello[TOKEN_BYTES:TOKEN_BYTES + 1], hello[TOKEN_BYTES + 1:]
         if not hmac.compare_digest(hello[:TOKEN_BYTES], self.token) or len(hello) < TOKEN_BYTES + 1:
             writer.close()
         elif kind == WAITING and not port:
             self.waiting.put_nowait((records, writer))
+            return True
         elif kind == FORWARD and len(port) == 2 and struct.unpack(">H", port)[0] in self.forward:
             try:
                 local = await asyncio.open_connection(self.host, struct.unpack(">H", port)[0])
             except OSError:
                 writer.close()
-                return
-            await join((records, writer), local)
+                return False
+            self._open.add(local[1])
+            try:
+                await join((records, writer), local)
+            finally:
+                self._open.discard(local[1])
         else:
             writer.close()
+        return False
 
     async def _local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await self._hand_over(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _hand_over(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_FOR_TUNNEL_S
         while True:
             try:
                 tunnel = await asyncio.wait_for(self.waiting.get(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 writer.close()
                 return
             if tunnel[1].is_closing() or tunnel[0].at_eof():
-                continue  # the requestor gave up on this one
+                tunnel[1].close()  # the requestor gave up on this one
+                self._open.discard(tunnel[1])
+                continue
             try:
                 tunnel[1].write(GO)
                 await tunnel[1].drain()
+                await join(tunnel, (reader, writer))
             except OSError:
                 continue
-            await join(tunnel, (reader, writer))
+            finally:
+                tunnel[1].close()
+                self._open.discard(tunnel[1])
             return
 
 

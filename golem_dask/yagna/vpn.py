@@ -77,6 +77,7 @@ class VpnNetwork:
         self.requestor_ip = str(next(self._hosts))  # the daemon gives the requestor the first host
         self.nodes: dict[str, str] = {}  # ip -> node id
         self._released: collections.deque[str] = collections.deque()  # given back, oldest first
+        self._parked: dict[str, list[str]] = {}  # node -> addresses left while the node stays
 
     def __repr__(self) -> str:
         return f"VpnNetwork({self.id!r}, {str(self.network)!r}, nodes={len(self.nodes)})"
@@ -99,20 +100,25 @@ class VpnNetwork:
             raise NetworkError(f"the VPN {self.network} has no free address left: every one holds a worker; "
                                "a larger range (golem.yagna.vpn-range) holds more") from None
 
-    def release(self, ip: str) -> None:
-        """``ip`` may be given to another VM (its own has left the network)."""
-        if ip not in self.nodes and ip not in self._released:
-            self._released.append(ip)
-
     async def add_node(self, node_id: str, ip: str) -> None:
         await self.api.call("POST", f"{NET_API}/{self.id}/nodes", body={"id": node_id.lower(), "ip": ip},
                             ok=(*OK, 201))
         self.nodes[ip] = node_id.lower()
 
     async def remove_node(self, ip: str) -> None:
+        """Take the VM at ``ip`` off the network.  The daemon removes a node with all its
+        addresses, so while the same provider holds another VM here its node stays, and
+        the address waits; once the node is removed its addresses may be given again."""
         node = self.nodes.pop(ip, None)
-        if node is not None and node not in self.nodes.values():
-            await self.api.call("DELETE", f"{NET_API}/{self.id}/nodes/{node}", ok=(*OK, 404))
+        if node is None:
+            return  # never added (or added by a call that failed): not given again
+        waiting = self._parked.setdefault(node, [])
+        waiting.append(ip)
+        if node in self.nodes.values():
+            return
+        await self.api.call("DELETE", f"{NET_API}/{self.id}/nodes/{node}", ok=(*OK, 404))
+        for address in self._parked.pop(node):
+            self._released.append(address)
 
     def deploy_argument(self, ip: str) -> dict[str, Any]:
         """The ``net`` entry of the deploy command of the VM at ``ip``."""
@@ -221,13 +227,19 @@ class LocalForward:
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.spawn(self._forward(reader, writer))
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sender = await open_tunnel(self.net, self.ip, self.port, self._hello)
         except (NetworkError, OSError) as e:
             logger.info("no tunnel to %s:%d: %s", self.ip, self.port, e)
             writer.close()
             return
-        self._tasks.spawn(splice(sender, reader, writer))
+        except BaseException:  # cancelled by close
+            writer.close()
+            raise
+        await splice(sender, reader, writer)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -268,13 +280,18 @@ class TunnelPool:
                 logger.debug("tunnel to %s:%d failed (%d): %s", self.ip, self.port, failures, e)
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
-            failures = 0
-            first = await _taken(sender.ws)
-            if first is not None:
-                self._tasks.spawn(self._join(sender, first))
-            else:
+            try:
+                first = await _taken(sender.ws)
+            except BaseException:  # cancelled by close: the spare goes too
                 await sender.ws.close()
-                await asyncio.sleep(0.2)
+                raise
+            if first is not None:
+                failures = 0
+                self._tasks.spawn(self._join(sender, first))
+            else:  # the backchannel is not (or no longer) there: not a tight loop
+                await sender.ws.close()
+                failures += 1
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
     async def _join(self, sender: Sender, first: bytes) -> None:
         try:
@@ -283,6 +300,9 @@ class TunnelPool:
             logger.warning("the scheduler at %s:%d refused a worker's connection: %s", *self._scheduler, e)
             await sender.ws.close()
             return
+        except BaseException:
+            await sender.ws.close()
+            raise
         self.joined += 1
         writer.write(first)  # what the worker sent right after the signal, in the same message
         await splice(sender, reader, writer)
@@ -341,7 +361,8 @@ def route(vpn_address: str, local_address: str) -> Callable[[], None]:
     """Send this process's Dask connections to ``vpn_address`` (``ip:port``) to
     ``local_address`` instead; returns the function that undoes it."""
     _install()
-    _ROUTES[vpn_address] = local_address
+    if _ROUTES.setdefault(vpn_address, local_address) != local_address:
+        raise NetworkError(f"{vpn_address} is routed elsewhere already: two VPNs in this process share an address")
 
     def undo() -> None:
         if _ROUTES.get(vpn_address) == local_address:
@@ -350,22 +371,27 @@ def route(vpn_address: str, local_address: str) -> Callable[[], None]:
     return undo
 
 
-
 class WorkerLink:
     """One worker's ways on the VPN: its VM's address, its deploy argument, its command
     under the backchannel, and (:meth:`start`) the requestor's tunnels to it.
 
     In the VM the worker dials its scheduler at ``127.0.0.1:SCHEDULER_PORT`` (the
-    backchannel), listens on ``<its address>:WORKER_PORT`` (other workers reach it
+    backchannel), listens on ``<its address>:<worker_port>`` (``WORKER_PORT`` or the next
+    one free in this process; other workers reach it
     there; the scheduler, through the backchannel), and the backchannel takes the
     requestor's tunnels on ``TUNNEL_PORT``.
     """
 
     SCHEDULER_PORT, TUNNEL_PORT, WORKER_PORT = 8786, 7000, 9000
+    #: Worker addresses (``ip:port``) held by links in this process: two clusters' VPNs
+    #: may give the same address, and this process's Dask routes tell them apart by port.
+    _held: set[str] = set()
 
     def __init__(self, net: VpnNetwork, node_id: str) -> None:
         self.net, self.node_id = net, node_id
         self.ip = net.allocate()
+        self.worker_port = next(p for p in range(self.WORKER_PORT, 65536) if f"{self.ip}:{p}" not in self._held)
+        self._held.add(f"{self.ip}:{self.worker_port}")
         self.token = os.urandom(TOKEN_BYTES)
         self._pool: TunnelPool | None = None
         self._forward: LocalForward | None = None
@@ -387,19 +413,20 @@ class WorkerLink:
         worker = list(args)
         scheme = worker[1].partition("://")[0] if len(worker) > 1 and "://" in worker[1] else "tcp"
         worker[1] = f"{scheme}://127.0.0.1:{self.SCHEDULER_PORT}"
-        worker += ["--listen-address", f"{scheme}://{self.ip}:{self.WORKER_PORT}"]
+        worker += ["--listen-address", f"{scheme}://{self.ip}:{self.worker_port}"]
         return "python3", ["-c", backchannel.source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
-                           "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.WORKER_PORT),
+                           "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.worker_port),
                            "--token", self.token.hex(), "--", entry_point, *worker]
 
     async def start(self, scheduler: str) -> None:
         """Keep tunnels open for the worker's connections to ``scheduler`` (``host:port``
         here), and send this process's connections to the worker through the backchannel."""
         self._pool = TunnelPool(self.net, self.ip, self.TUNNEL_PORT, scheduler, token=self.token).start()
-        self._forward = await LocalForward(self.net, self.ip, self.TUNNEL_PORT, self.token, self.WORKER_PORT).start()
-        self._unroute = route(f"{self.ip}:{self.WORKER_PORT}", self._forward.address)
+        self._forward = await LocalForward(self.net, self.ip, self.TUNNEL_PORT, self.token, self.worker_port).start()
+        self._unroute = route(f"{self.ip}:{self.worker_port}", self._forward.address)
 
     async def close(self) -> None:
+        self._held.discard(f"{self.ip}:{self.worker_port}")
         if self._unroute is not None:
             self._unroute()
         for part in (self._pool, self._forward):
@@ -409,5 +436,3 @@ class WorkerLink:
             await self.net.remove_node(self.ip)
         except (NetworkError, YagnaError) as e:
             logger.info("removing %s from the VPN failed: %s", self.ip, e)
-            return  # the address may still be the old VM's: not given to another
-        self.net.release(self.ip)
