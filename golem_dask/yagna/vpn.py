@@ -278,7 +278,7 @@ class TunnelPool:
             except (NetworkError, OSError) as e:
                 failures += 1
                 logger.debug("tunnel to %s:%d failed (%d): %s", self.ip, self.port, failures, e)
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
                 continue
             try:
                 first = await _taken(sender.ws)
@@ -291,7 +291,7 @@ class TunnelPool:
             else:  # the backchannel is not (or no longer) there: not a tight loop
                 await sender.ws.close()
                 failures += 1
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
 
     async def _join(self, sender: Sender, first: bytes) -> None:
         try:
