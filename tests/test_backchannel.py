@@ -284,3 +284,23 @@ def test_a_vpn_range_that_is_not_a_network_is_refused_with_the_setting_to_fix() 
     for bad in ("192.168.0.1/24", "10.0.0.0/31", "nonsense", None):
         with pytest.raises(ConfigError, match="golem.yagna.vpn-range"):
             vpn.vpn_range(bad)
+
+
+def test_once_listening_the_backchannel_announces_its_vm_to_the_requestor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty datagram from the VM's address to the requestor's: the daemon learns the VM
+    on the way rather than on its first connection (which waited ~3 s on the test VPN)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as requestor:
+        requestor.bind(("127.0.0.1", 0))
+        requestor.settimeout(5)
+        monkeypatch.setattr(backchannel, "DISCARD_PORT", requestor.getsockname()[1])
+
+        async def run() -> tuple[bytes, tuple[str, int]]:
+            channel = Backchannel(TOKEN, "127.0.0.1", _free_port(), _free_port())
+            task = asyncio.create_task(channel.serve(announce="127.0.0.1"))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(None, requestor.recvfrom, 100)
+            finally:
+                task.cancel()
+
+        data, sender = asyncio.run(run())
+    assert data == b"" and sender[0] == "127.0.0.1"

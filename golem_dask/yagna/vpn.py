@@ -260,17 +260,19 @@ class TunnelPool:
         self.token = token if token is not None else os.urandom(TOKEN_BYTES)
         self._tasks = _Tasks()
         self.joined = 0
+        self._listening = asyncio.Event()  # a tunnel opened: the backchannel is up
 
     def __repr__(self) -> str:  # the token stays out
         return f"TunnelPool({self.ip}:{self.port}, spares={self.spares}, joined={self.joined})"
 
     def start(self) -> TunnelPool:
-        for _ in range(self.spares):
-            self._tasks.spawn(self._keep_one())
+        for spare in range(self.spares):
+            self._tasks.spawn(self._keep_one(prober=spare == 0))
         return self
 
-    async def _keep_one(self) -> None:
-        """Open a tunnel, wait for the worker to take it, join it; again, while it works."""
+    async def _keep_one(self, prober: bool) -> None:
+        """Open a tunnel, wait for the worker to take it, join it; again, while it works.
+        Until the backchannel listens, only the ``prober`` tries, every 0.1 s."""
         failures = 0
         while True:
             try:
@@ -278,8 +280,9 @@ class TunnelPool:
             except (NetworkError, OSError) as e:
                 failures += 1
                 logger.debug("tunnel to %s:%d failed (%d): %s", self.ip, self.port, failures, e)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                await self._pause(failures, prober)
                 continue
+            self._listening.set()
             try:
                 first = await _taken(sender.ws)
             except BaseException:  # cancelled by close: the spare goes too
@@ -291,7 +294,18 @@ class TunnelPool:
             else:  # the backchannel is not (or no longer) there: not a tight loop
                 await sender.ws.close()
                 failures += 1
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                await self._pause(failures, prober)
+
+    async def _pause(self, failures: int, prober: bool) -> None:
+        """Wait before trying again: once the backchannel has listened, longer after each
+        failure; before, 0.1 s for the prober and until its tunnel opens for the others
+        (the worker's first connection waits for one)."""
+        if self._listening.is_set():
+            await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+        elif prober:
+            await asyncio.sleep(0.1)
+        else:
+            await self._listening.wait()
 
     async def _join(self, sender: Sender, first: bytes) -> None:
         try:
@@ -416,7 +430,7 @@ class WorkerLink:
         worker += ["--listen-address", f"{scheme}://{self.ip}:{self.worker_port}"]
         return "python3", ["-c", backchannel.source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
                            "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.worker_port),
-                           "--token", self.token.hex(), "--", entry_point, *worker]
+                           "--token", self.token.hex(), "--announce", self.net.requestor_ip, "--", entry_point, *worker]
 
     async def start(self, scheduler: str) -> None:
         """Keep tunnels open for the worker's connections to ``scheduler`` (``host:port``
