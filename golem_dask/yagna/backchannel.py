@@ -196,9 +196,8 @@ class Backchannel:
         try:
             if await self._take(Records(reader, MAX_EARLY_BYTES_BEFORE_HELLO), writer):
                 return  # waiting: the connection that takes it forgets it
-        except BaseException:
+        except asyncio.CancelledError:  # the program ends: quietly (asyncio logs a cancelled handler)
             writer.close()
-            raise
         self._open.discard(writer)
 
     async def _take(self, records: Records, writer: asyncio.StreamWriter) -> bool:
@@ -233,6 +232,8 @@ class Backchannel:
         self._open.add(writer)
         try:
             await self._hand_over(reader, writer)
+        except asyncio.CancelledError:  # the program ends: quietly
+            writer.close()
         finally:
             self._open.discard(writer)
 
