@@ -37,6 +37,7 @@ import asyncio
 import hmac
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 
 TOKEN_BYTES = 16
 GO = b"\x01"
@@ -113,40 +114,34 @@ class Records:
         return self._reader.at_eof() and not self._early
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
+def _close(writer: asyncio.StreamWriter) -> None:
     try:
         writer.write_eof()
     except (OSError, RuntimeError):
         writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _copy(read: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWriter, abort: bool) -> None:
+    """Write what ``read`` gives to ``writer`` until it ends, then end ``writer``'s side;
+    on an error, close ``writer`` at once if ``abort`` (the bytes after that point are
+    not the stream's), else end its side as after the last byte."""
     try:
-        while data := await reader.read(_CHUNK):
+        while data := await read():
             writer.write(data)
             await writer.drain()
-    except OSError:  # a connection reset or refused
-        pass
+    except (OSError, BadRecord):  # a connection reset or refused, or broken framing
+        if abort:
+            writer.close()
     finally:
-        await _close(writer)
-
-
-async def _unframe(records: Records, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await records.read():
-            writer.write(data)
-            await writer.drain()
-    except (OSError, BadRecord):
-        writer.close()  # an abort, not an end: the bytes after this point are not the stream's
-    finally:
-        await _close(writer)
+        _close(writer)
 
 
 async def join(tunnel: tuple[Records, asyncio.StreamWriter],
                local: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
     """Copy bytes both ways between a tunnel and a local connection until both directions end."""
     try:
-        await asyncio.gather(_unframe(tunnel[0], local[1]), _pipe(local[0], tunnel[1]))
+        await asyncio.gather(_copy(tunnel[0].read, local[1], abort=True),
+                             _copy(lambda: local[0].read(_CHUNK), tunnel[1], abort=False))
     finally:
         tunnel[1].close()
         local[1].close()

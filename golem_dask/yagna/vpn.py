@@ -38,7 +38,14 @@ from typing import Any
 
 from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.yagna.api import OK, YagnaApi, YagnaError
-from golem_dask.yagna.backchannel import FORWARD, GO, TOKEN_BYTES, WAITING, hello, record
+from golem_dask.yagna.backchannel import (
+    FORWARD,
+    GO,
+    TOKEN_BYTES,
+    WAITING,
+    hello,
+    record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +119,11 @@ class VpnNetwork:
         node = self.nodes.pop(ip, None)
         if node is None:
             return  # never added (or added by a call that failed): not given again
-        waiting = self._parked.setdefault(node, [])
-        waiting.append(ip)
+        self._parked.setdefault(node, []).append(ip)
         if node in self.nodes.values():
             return
         await self.api.call("DELETE", f"{NET_API}/{self.id}/nodes/{node}", ok=(*OK, 404))
-        for address in self._parked.pop(node):
-            self._released.append(address)
+        self._released.extend(self._parked.pop(node))
 
     def deploy_argument(self, ip: str) -> dict[str, Any]:
         """The ``net`` entry of the deploy command of the VM at ``ip``."""
