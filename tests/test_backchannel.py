@@ -13,18 +13,22 @@ import socket
 
 import aiohttp
 import pytest
+from net_support import free_port
 
 from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.yagna import backchannel, vpn
-from golem_dask.yagna.backchannel import FORWARD, GO, WAITING, Backchannel, BadRecord, Records, hello, record
+from golem_dask.yagna.backchannel import (
+    FORWARD,
+    GO,
+    WAITING,
+    Backchannel,
+    BadRecord,
+    Records,
+    hello,
+    record,
+)
 
 TOKEN = b"t" * 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -39,7 +43,7 @@ def _listening(port: int) -> bool:
 
 
 async def _serving(token: bytes, forward: tuple[int, ...] = ()) -> tuple[Backchannel, asyncio.Task[int]]:
-    channel = Backchannel(token, "127.0.0.1", _free_port(), _free_port(), forward)
+    channel = Backchannel(token, "127.0.0.1", free_port(), free_port(), forward)
     task = asyncio.create_task(channel.serve())
     for _ in range(200):
         if _listening(channel.tunnel_port) and _listening(channel.scheduler_port):
@@ -110,7 +114,7 @@ def test_a_forward_tunnel_reaches_a_listed_port_of_the_worker_and_no_other() -> 
             reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
             writer.write(record(2, b"lo") + record(0, hello(TOKEN, FORWARD, worker_port)) + record(1, b"hel"))
             assert await asyncio.wait_for(reader.read(), 5) == b"worker says hello"
-            for port in (channel.scheduler_port, _free_port()):  # not listed: not reached
+            for port in (channel.scheduler_port, free_port()):  # not listed: not reached
                 reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
                 writer.write(record(0, hello(TOKEN, FORWARD, port)) + record(1, b"hello"))
                 assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -260,17 +264,17 @@ def test_a_closed_tunnel_pool_closes_its_spare_tunnels() -> None:
 
 def test_records_before_the_hello_are_bounded_and_a_missing_record_ends_the_tunnel(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backchannel, "STALL_S", 0.3)
-
     async def run() -> None:
         channel, task = await _serving(TOKEN)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", channel.tunnel_port)
             for seq in range(1, 6):  # 320 KiB waiting for a hello that never comes: closed at once
                 writer.write(record(seq, b"x" * backchannel.MAX_RECORD))
+            # Within 2 s, before the 10 s wait for a hello or the 60 s stall could close it.
             assert await asyncio.wait_for(reader.read(), 2) == b""
         finally:
             task.cancel()
+        monkeypatch.setattr(backchannel, "STALL_S", 0.3)
         stream = asyncio.StreamReader()
         stream.feed_data(record(1, b"late"))  # record 0 never comes, and the tunnel stays open
         with pytest.raises(BadRecord, match="never came"):
@@ -295,7 +299,7 @@ def test_once_listening_the_backchannel_announces_its_vm_to_the_requestor(monkey
         monkeypatch.setattr(backchannel, "DISCARD_PORT", requestor.getsockname()[1])
 
         async def run() -> tuple[bytes, tuple[str, int]]:
-            channel = Backchannel(TOKEN, "127.0.0.1", _free_port(), _free_port())
+            channel = Backchannel(TOKEN, "127.0.0.1", free_port(), free_port())
             task = asyncio.create_task(channel.serve(announce="127.0.0.1"))
             try:
                 return await asyncio.get_running_loop().run_in_executor(None, requestor.recvfrom, 100)
