@@ -55,3 +55,32 @@ def no_leaked_workers():
     for p in leaked:
         p.kill()
     assert not leaked, f"worker processes left behind: {[p.cmdline() for p in leaked]}"
+
+
+#: What a failing test shows of its yagna daemon's log: the last lines that are not routine.
+DAEMON_LOG_LINES = 60
+#: Errors and warnings every offline daemon logs (no release check, the restart at start).
+ROUTINE = ("new Yagna release", "unbind error", "Config file found", "Format of the file may change",
+           "connection lost", "Handlers disconnected", "Failed to bind handlers")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails while using a yagna stack shows the daemon's last errors and warnings
+    (the stack's directory, and its log, are gone once the session ends)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    logs = {getattr(v, "log_path", None) or getattr(getattr(v, "stack", None), "log_path", None)
+            for v in funcargs.values()}
+    for path in sorted(str(p) for p in logs if p is not None):
+        try:
+            with open(path, errors="replace") as log:
+                lines = log.read().splitlines()
+        except OSError:
+            continue
+        notable = [line for line in lines if any(w in line for w in ("ERROR", "WARN", "panicked", "$ yagna"))
+                   and not any(r in line for r in ROUTINE)]
+        report.sections.append((f"yagna log {path} (errors and warnings)", "\n".join(notable[-DAEMON_LOG_LINES:])))

@@ -29,14 +29,14 @@ from yagna_stack import yagna_stack  # noqa: F401
 
 from golem_dask import GolemCluster
 from golem_dask.chain.units import to_wei
-from golem_dask.errors import ConfigError
+from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.negotiation import Negotiator
 from golem_dask.payment.accountant import Accountant, AgreementAccount, Tolerance
 from golem_dask.payment.budget import Budget
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import AgreementState, ExeCommand
-from golem_dask.yagna.api import YagnaDaemon
+from golem_dask.yagna.api import YagnaApi, YagnaDaemon
 from golem_dask.yagna.market import YagnaMarket
 from golem_dask.yagna.payer import YagnaPayer
 
@@ -123,6 +123,30 @@ def test_a_cluster_on_yagna_needs_a_vm_image_and_a_daemon(requestor: Any, monkey
     monkeypatch.setenv("YAGNA_API_URL", "http://127.0.0.1:9")
     with pytest.raises(ConnectionError, match="yagna service run"):
         GolemCluster(market="yagna")
+
+
+def test_a_daemon_dropping_a_request_is_told_apart_from_no_daemon() -> None:
+    """A daemon that reads a request and closes the connection is running: the error says
+    so and points at its log, not at starting one."""
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def main() -> str:
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        api = YagnaApi(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "key")
+        await api.start()
+        try:
+            with pytest.raises(NetworkError) as caught:
+                await api.call("POST", "/activity-api/v1/activity/a1/exec", body={"text": "[]"})
+            return str(caught.value)
+        finally:
+            await api.close()
+            server.close()
+
+    message = asyncio.run(main())
+    assert "closed the connection during POST /activity-api/v1/activity/a1/exec" in message, message
+    assert "its log" in message and "yagna service run" not in message
 
 
 def test_on_the_vpn_the_demand_asks_for_vms_that_can_join_one() -> None:

@@ -14,7 +14,7 @@ The daemon is the PyPI package ``golem-node`` (in the ``test`` extra).  Without 
 that use the stack skip; with ``GOLEM_DASK_REQUIRE_YAGNA=1`` (set by CI) they fail instead.
 anvil is found as in :mod:`anvil_support`.
 
-Use the session fixture by importing it into a test module::
+Use the module fixture by importing it into a test module::
 
     from yagna_stack import subnet, yagna_stack  # noqa: F401
 
@@ -583,9 +583,10 @@ class YagnaStack:
         return int(contract.functions.balanceOf(checksum_address(address)).call())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def yagna_stack() -> Iterator[YagnaStack]:
-    """One :class:`YagnaStack` for the whole test session (a start costs 2-3 s).
+    """One :class:`YagnaStack` for each test module that imports this fixture (a start costs
+    2-3 s), stopped when the module's tests are done.
 
     Tests share its identities and funds: use :func:`subnet` for offers and demands, and
     compare balances before and after rather than with fixed amounts.

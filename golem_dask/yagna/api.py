@@ -156,6 +156,9 @@ class YagnaApi:
                 status = response.status
         except TimeoutError:
             raise NetworkError(f"yagna at {self.url}: {method} {path} got no answer in {timeout.total:g}s") from None
+        except aiohttp.ServerDisconnectedError:
+            raise NetworkError(f"the yagna daemon at {self.url} closed the connection during {method} {path} "
+                               "without answering; it may be stopping or have failed, and its log says why") from None
         except aiohttp.ClientError as e:
             raise _unreachable(self.url, e) from None
         if status == 401:
