@@ -358,6 +358,16 @@ def _staged(dst: str) -> str:
     return posixpath.join(parent, f".{name}.{os.urandom(4).hex()}.golem-part")
 
 
+def _keep_mode(old: str, new: str) -> None:
+    """``new``, about to replace ``old``, gets its permissions as if written in place: an
+    executable script stays executable, and set-id bits are dropped as a write drops them."""
+    try:
+        mode = os.stat(old).st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(new, mode & 0o777)
+
+
 def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_BYTES, *,
               remove_partial: bool = True, size: int | None = None) -> tuple[int, str]:
     """Copy one file between two open filesystems, checked by size (``size`` if the caller
@@ -377,6 +387,7 @@ def copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, chunk: int = CHUNK_B
         staged = _staged(dst)
         try:
             copied = _copy_checked(src_fs, src, dst_fs, staged, chunk, size, shown=dst)
+            _keep_mode(dst, staged)
             os.replace(staged, dst)
         except BaseException:
             _remove_partial(dst_fs, staged)

@@ -102,9 +102,11 @@ def test_a_failing_writer_stops_the_copy(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_local_destination_shows_the_old_file_until_the_new_one_is_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy over an existing local file writes beside it and renames once checked: a
-    reader mid-copy sees the old bytes, and a copy that fails leaves them as they were."""
+    reader mid-copy sees the old bytes, a copy that fails leaves them as they were, and the
+    new file keeps the old one's permissions."""
     old, new = b"old results\n" * 1000, os.urandom(3 * 2**20)
     (tmp_path / "out.bin").write_bytes(old)
+    (tmp_path / "out.bin").chmod(0o750)
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/src/out.bin", new)
     seen: list[bytes] = []
@@ -126,6 +128,7 @@ def test_a_local_destination_shows_the_old_file_until_the_new_one_is_whole(
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no staging file left
         copy("memory://src/out.bin", str(tmp_path / "out.bin"), chunk_bytes=2**20)
         assert (tmp_path / "out.bin").read_bytes() == new
+        assert (tmp_path / "out.bin").stat().st_mode & 0o7777 == 0o750, "the new file keeps the old one's mode"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
     finally:
         fs.rm("/src", recursive=True)
