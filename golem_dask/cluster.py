@@ -113,8 +113,10 @@ def yagna_plan(runtime: Any, image: str | None) -> RuntimePlan:
 def yagna_constraints(constraints: str | None) -> str | None:
     """The demand's own constraints on the yagna market: with ``golem.yagna.connectivity:
     vpn``, providers whose VMs can join a VPN only (``golem.runtime.capabilities``)."""
+    from golem_dask.yagna.vpn import connectivity
+
     own = config.get("demand.constraints", constraints)
-    if config.get("yagna.connectivity") != "vpn":
+    if connectivity() != "vpn":
         return own
     vpn = "(golem.runtime.capabilities=vpn)"
     return f"(&{own}{vpn})" if own else vpn

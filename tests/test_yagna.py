@@ -162,6 +162,8 @@ def test_on_the_vpn_the_demand_asks_for_vms_that_can_join_one() -> None:
         assert yagna_constraints(None) == "(golem.runtime.capabilities=vpn)"
     with dask.config.set({"golem.yagna.connectivity": "direct"}):
         assert yagna_constraints("(golem.inf.cpu.threads>=2)") == "(golem.inf.cpu.threads>=2)"
+    with dask.config.set({"golem.yagna.connectivity": "vnp"}), pytest.raises(ConfigError, match="vpn or direct"):
+        yagna_constraints(None)  # a misspelt setting is refused where the demand is made, not read as direct
 
 
 async def _rent_and_settle(stack: Any, provider: YagnaTestProvider, subnet: str) -> tuple[AgreementAccount, int]:

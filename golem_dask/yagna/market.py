@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from golem_dask import config
-from golem_dask.errors import ConfigError, MarketError, NetworkError, ProposalRejected
+from golem_dask.errors import MarketError, NetworkError, ProposalRejected
 from golem_dask.market.base import Market, MarketEvent, PaymentDocument, WorkerLink
 from golem_dask.protocol.messages import (
     Activity,
@@ -38,7 +38,7 @@ from golem_dask.yagna.activities import Activities
 from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError, iso
 from golem_dask.yagna.documents import Documents
 from golem_dask.yagna.proposals import Proposals, scan_offers
-from golem_dask.yagna.vpn import VpnNetwork, vpn_range
+from golem_dask.yagna.vpn import VpnNetwork, connectivity, vpn_range
 from golem_dask.yagna.vpn import WorkerLink as VpnWorkerLink
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ class YagnaMarket(Market):
         self._closed = False
         #: Agreements given up mid-confirmation, being cancelled or terminated on the daemon.
         self._abandoning: set[asyncio.Task[None]] = set()
-        self.connectivity = str(config.get("yagna.connectivity"))
-        if self.connectivity not in ("vpn", "direct"):
-            raise ConfigError(f"golem.yagna.connectivity is vpn or direct, not {self.connectivity!r}")
+        self.connectivity = connectivity()
         self.vpn_range = vpn_range(config.get("yagna.vpn-range"))
         self._network: VpnNetwork | None = None
         self._network_lock = asyncio.Lock()

@@ -36,6 +36,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from golem_dask import config
 from golem_dask.errors import ConfigError, NetworkError
 from golem_dask.yagna.api import OK, YagnaApi, YagnaError
 from golem_dask.yagna.backchannel import (
@@ -53,6 +54,21 @@ NET_API = "/net-api/v2/vpn/net"
 #: The daemon closes a tunnel on a websocket message much over 64 KiB: send in pieces.
 _WS_PIECE = 16 * 1024
 _READ = 64 * 1024
+
+
+def connectivity() -> str:
+    """``golem.yagna.connectivity`` checked: ``vpn`` (workers in VMs on the cluster's VPN) or
+    ``direct`` (workers dial the scheduler's address themselves).
+
+    Raises
+    ------
+    ConfigError
+        For anything else, naming the setting.
+    """
+    value = str(config.get("yagna.connectivity"))
+    if value not in ("vpn", "direct"):
+        raise ConfigError(f"golem.yagna.connectivity is vpn or direct, not {value!r}")
+    return value
 
 
 def vpn_range(value: Any) -> str:
