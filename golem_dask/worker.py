@@ -166,8 +166,7 @@ class Rental:
         env = {"GOLEM_AGREEMENT_ID": self.deal.agreement.id, "GOLEM_ACTIVITY_ID": self.activity_id}
         entry_point, argv = "dask", list(args)
         if self.link is not None:
-            await self.link.start(argv[1].partition("://")[2])
-            entry_point, argv = self.link.command(entry_point, argv)
+            entry_point, argv = await self.link.start(entry_point, argv)
         await self._exec([ExeCommand("run", {"entry_point": entry_point, "args": argv, "env": env})])
         # Only a worker that got to run is owed anything.
         self.parts.accountant.activity_started(self.deal.agreement.id)

@@ -56,16 +56,14 @@ PaymentDocument = DebitNote | Invoice
 
 class WorkerLink(Protocol):
     """A worker's connections to the scheduler through the market's network (see
-    :meth:`Market.worker_link`): joined before deploy, started once the worker runs."""
+    :meth:`Market.worker_link`): joined before deploy, started as the worker is run."""
 
     async def join(self) -> dict[str, Any]:
         """Add the worker's machine to the network; the deploy command's arguments."""
 
-    def command(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
-        """The worker's command (``dask worker <scheduler> ...``) as its machine runs it."""
-
-    async def start(self, scheduler: str) -> None:
-        """Carry the worker's connections to ``scheduler`` (``host:port`` here) and back."""
+    async def start(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
+        """Carry the worker's connections to its scheduler (``args`` are ``worker <scheduler>
+        ...``) and back; the worker's command as its machine runs it."""
 
     async def close(self) -> None:
         """Stop carrying them and take the machine off the network."""

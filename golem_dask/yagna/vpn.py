@@ -440,25 +440,25 @@ class WorkerLink:
         await self.net.add_node(self.node_id, self.ip)
         return {"net": [self.net.deploy_argument(self.ip)]}
 
-    def command(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
-        """``entry_point args`` (``dask worker <scheduler> ...``) as the VM runs it: under
-        the backchannel, dialling it for the scheduler, listening on the VPN address."""
+    async def start(self, entry_point: str, args: Sequence[str]) -> tuple[str, list[str]]:
+        """Keep tunnels open for the worker's connections to its scheduler (``args`` are
+        ``worker <scheduler> ...``, an address on this machine), send this process's
+        connections to the worker through the backchannel, and give ``entry_point args`` as
+        the VM runs it: under the backchannel, dialling it for the scheduler, listening on
+        the VPN address."""
         from golem_dask.yagna import backchannel
 
         worker = list(args)
-        scheme = worker[1].partition("://")[0] if len(worker) > 1 and "://" in worker[1] else "tcp"
+        scheme, _, scheduler = worker[1].rpartition("://")
+        scheme = scheme or "tcp"
+        self._pool = TunnelPool(self.net, self.ip, self.TUNNEL_PORT, scheduler, token=self.token).start()
+        self._forward = await LocalForward(self.net, self.ip, self.TUNNEL_PORT, self.token, self.worker_port).start()
+        self._unroute = route(f"{self.ip}:{self.worker_port}", self._forward.address)
         worker[1] = f"{scheme}://127.0.0.1:{self.SCHEDULER_PORT}"
         worker += ["--listen-address", f"{scheme}://{self.ip}:{self.worker_port}"]
         return "python3", ["-c", backchannel.source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
                            "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.worker_port),
                            "--token", self.token.hex(), "--announce", self.net.requestor_ip, "--", entry_point, *worker]
-
-    async def start(self, scheduler: str) -> None:
-        """Keep tunnels open for the worker's connections to ``scheduler`` (``host:port``
-        here), and send this process's connections to the worker through the backchannel."""
-        self._pool = TunnelPool(self.net, self.ip, self.TUNNEL_PORT, scheduler, token=self.token).start()
-        self._forward = await LocalForward(self.net, self.ip, self.TUNNEL_PORT, self.token, self.worker_port).start()
-        self._unroute = route(f"{self.ip}:{self.worker_port}", self._forward.address)
 
     async def close(self) -> None:
         self._held.discard(f"{self.ip}:{self.worker_port}")
