@@ -38,6 +38,7 @@ from golem_dask.provider.factory import RuntimePlan, embedded_agents, plan_runti
 from golem_dask.provider.runtime.base import Runtime
 from golem_dask.progress import show_progress
 from golem_dask.scheduler import GolemScheduler
+from golem_dask.tasks import Tasks
 from golem_dask.tls import TLS_ARGS, CertificateAuthority
 from golem_dask.upkeep import (affordable, begin_closing, drop_unaffordable, payable_terms, replace_lost,
                                retire_leaving, retire_unaffordable, upkeep_tasks, within_capacity)
@@ -301,7 +302,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         listen, dial = scheduler_hosts(self.market, backend == "local" and self.runtime == "docker")
         self.registrations = Registrations()
         self._parts = self._requestor_parts(inputs, outputs, storage_options, worker_options, dial)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._golem_started = False
         self._golem_closed = False
         self._capped = False
@@ -349,9 +350,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
     # -- lifecycle --------------------------------------------------------------------
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name)
 
     async def _start(self) -> None:
         if not self._golem_started:
@@ -449,9 +448,7 @@ class GolemCluster(ClusterDisplay, SpecCluster):
         with contextlib.suppress(Exception):
             await self.market.close()
         # Documents the market delivered before closing are still answered.
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancelled()
         with contextlib.suppress(Exception):
             await self.payer.close()
         for kind, message, data in self.accountant.bill().closing_notes(getattr(self.payer, "ledger", None)):

@@ -39,6 +39,7 @@ from golem_dask import config
 from golem_dask.errors import ConfigError
 from golem_dask.payment.accountant import ledger_of
 from golem_dask.protocol.messages import now_ms
+from golem_dask.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Renewals:
         self.cluster = cluster
         self.interval_s = interval_s
         self._renewing: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks()
         self._stepping_aside = asyncio.Lock()  # one at a time: the others must hold its data
 
     async def run(self) -> None:
@@ -92,8 +93,7 @@ class Renewals:
                 await asyncio.sleep(self.interval_s)
                 self.check()
         finally:
-            for task in self._tasks:
-                task.cancel()
+            self._tasks.cancel()
 
     def check(self) -> None:
         c = self.cluster
@@ -107,9 +107,7 @@ class Renewals:
                 continue
             if now_ms() >= deal.agreement.valid_to_ms - margin_ms:
                 self._renewing.add(name)
-                task = asyncio.get_running_loop().create_task(self._renew(name), name=f"golem-renew-{name}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._renew(name), f"golem-renew-{name}")
 
     async def _renew(self, name: str) -> None:
         c = self.cluster
@@ -248,7 +246,7 @@ class CapacityWatch:
         self.size = max(2, round(window_s / interval_s))
         self.window_s = window_s
         self.seen: dict[str, _Delivery] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -306,9 +304,7 @@ class CapacityWatch:
         c.negotiator.excluded.add(seen.provider)
         if c.negotiator.reputation is not None:
             c.negotiator.reputation.flag(seen.provider, seen.name)
-        task = asyncio.get_running_loop().create_task(hand_over(c, name), name=f"golem-replace-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(hand_over(c, name), f"golem-replace-{name}")
 
     def _remember(self, name: str) -> None:
         seen = self.seen.pop(name)

@@ -38,6 +38,7 @@ from golem_dask.market.offline import OfflineStore
 from golem_dask.protocol import wire
 from golem_dask.protocol.identity import Wallet
 from golem_dask.protocol.messages import Demand, Offer, now_ms
+from golem_dask.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -451,7 +452,7 @@ class HubServer:
         self._conns: set[_Peer] = set()  # every open connection
         self.book = OfferBook(self.max_frame, int(config.get("hub.max-subscriptions-per-peer")), self._notify)
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._refusals: dict[str, tuple[float, bytes]] = {}
         self.stats = {"frames": 0, "refused": 0, "disconnected": 0, "connections": 0, "connections_refused": 0,
                       "slow_disconnected": 0, "stored": 0, "stored_delivered": 0, "stored_refused": 0}
@@ -467,16 +468,12 @@ class HubServer:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=self.max_frame + 16)
         self.port = self._server.sockets[0].getsockname()[1]
-        task = asyncio.create_task(self._maintain(), name="hub-maintenance")
-        self._tasks.add(task)
+        self._tasks.spawn(self._maintain(), "hub-maintenance")
         logger.info("hub listening on %s", self.url)
 
     async def close(self) -> None:
         """Stop listening and drop every connection.  Safe to call twice."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.cancelled()
         if self._server is not None:
             self._server.close()
             conns = list(self._conns)

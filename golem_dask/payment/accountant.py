@@ -32,6 +32,7 @@ from golem_dask.payment.ledger import Ledger
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.protocol import properties as P
 from golem_dask.protocol.messages import Agreement, DebitNote, Invoice, Payment
+from golem_dask.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Accountant:
         self.tolerance = tolerance
         self.events = events
         self.accounts: dict[str, AgreementAccount] = {}
-        self._late: set[asyncio.Task[AgreementAccount]] = set()
+        self._late = Tasks()
         self.payments: list[Payment] = []
         #: Called with an agreement id when the budget cannot reserve its next payment period.
         self.on_exhausted: Callable[[str], Any] | None = None
@@ -281,9 +282,7 @@ class Accountant:
         account.invoice_arrived.set()
         if account.status is EntryStatus.AWAITING_INVOICE and not account.settled.is_set():
             # settle() already gave up waiting; this late invoice is checked and paid now.
-            task = asyncio.get_running_loop().create_task(self.settle(market, document.agreement_id, 0))
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
+            self._late.spawn(self.settle(market, document.agreement_id, 0))
 
     async def pay_as_you_go(self, market: Any, interval_s: float) -> None:
         """Every ``interval_s``, pay what each running agreement's accepted debit notes say

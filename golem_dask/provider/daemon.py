@@ -28,6 +28,7 @@ from golem_dask.protocol.messages import Activity, Agreement, DebitNote, Invoice
 from golem_dask.provider.agent import ProviderAgent
 from golem_dask.provider.payment_check import PaymentCheck
 from golem_dask.provider.receivables import Receivables
+from golem_dask.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ProviderDaemon:
         self._closing = False
         self.verified: list[tuple[str, Decimal]] = []
         self._outbox: collections.deque[tuple[str, Any]] = collections.deque(maxlen=10_000)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._requestors: dict[str, str] = {}  # agreement id -> requestor address
         #: Debit notes and invoices sent, by id -> their requestor: only it may accept or reject them.
         self._addressees: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -111,15 +112,13 @@ class ProviderDaemon:
     async def start(self) -> None:
         await self.link.start(config.seconds("hub.connect-timeout"))
         await self.agent.connect(self)
-        self._spawn(self._refresh(), "provider-refresh")
-        self._spawn(self._resend_unpaid(), "provider-resend")
+        self._tasks.spawn(self._refresh(), "provider-refresh")
+        self._tasks.spawn(self._resend_unpaid(), "provider-resend")
         logger.info("provider %s selling %s on %s", self.agent.settings.name, self.agent.settings.capacity, self.link.url)
 
     async def close(self) -> None:
         self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancelled()
         await self.agent.close()
         await self.link.close()
 
@@ -137,11 +136,6 @@ class ProviderDaemon:
             await stop.wait()
         finally:
             await self.close()
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _on_connect(self) -> None:
         if self.agent.offer is not None:
@@ -185,7 +179,7 @@ class ProviderDaemon:
                                                "error_type": "MarketError"})
         elif envelope.kind == "call" and isinstance(payload, dict):
             # Calls may take long (an exe-script): never block the link's reader.
-            self._spawn(self._answer(envelope.sender, payload), f"call-{payload.get('method')}")
+            self._tasks.spawn(self._answer(envelope.sender, payload), f"call-{payload.get('method')}")
         elif envelope.kind == "error":
             logger.warning("hub: %s", payload.get("reason") if isinstance(payload, dict) else payload)
 
@@ -241,7 +235,7 @@ class ProviderDaemon:
             if method == "approve":
                 self._requestors[value.id] = caller
             if method == "on_payment":
-                self._spawn(self._verify_payment(args[0]), "verify-payment")
+                self._tasks.spawn(self._verify_payment(args[0]), "verify-payment")
             elif method == "on_rejected":
                 await asyncio.to_thread(self.receivables.reject, str(args[0]), str(args[1]), caller)
             elif method == "on_accepted" and await asyncio.to_thread(self.receivables.accepted, str(args[0]),

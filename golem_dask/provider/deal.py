@@ -25,6 +25,7 @@ from golem_dask.protocol import properties as P
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.metering import UsageMeter
 from golem_dask.provider.runtime.base import RuntimeActivity
+from golem_dask.tasks import Tasks
 from golem_dask.transfer import scrub_urls
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Deal:
         self._interval_s = debit_note_interval_s
         self._unseal = unseal
         self._on_end = on_end
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._discard_at: asyncio.TimerHandle | None = None  # a stopped activity's files are kept
         self.paid = Decimal(0)  # what the requestor paid for this agreement (checked on chain by a daemon)
         self._notes: dict[str, Decimal] = {}  # debit notes sent and not yet accepted: id -> total due
@@ -84,13 +85,11 @@ class Deal:
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` for as long as the deal lives (cancelled by :meth:`cancel_tasks`)."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def cancel_tasks(self) -> None:
         current = asyncio.current_task()
-        for task in list(self._tasks):
+        for task in self._tasks:
             if task is not current:
                 task.cancel()
 

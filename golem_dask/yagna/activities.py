@@ -10,7 +10,6 @@ with its last output, as a died container would be on the other markets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 from golem_dask import config
 from golem_dask.errors import ActivityError, MarketError, NetworkError
 from golem_dask.protocol.messages import Activity, ActivityState, ExeCommand
+from golem_dask.tasks import Tasks
 from golem_dask.yagna import convert
 from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError
 
@@ -44,7 +44,7 @@ class _Watch:
     agreement_id: str
     queue: asyncio.Queue[Activity] = field(default_factory=asyncio.Queue)
     state: ActivityState = ActivityState.INITIALIZED
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: Tasks = field(default_factory=Tasks)
 
     def report(self, activity: Activity) -> None:
         if self.state in FINAL or activity.state == self.state:
@@ -69,7 +69,7 @@ class Activities:
         self.daemon = daemon
         self.api = daemon.api
         self._watches: dict[str, _Watch] = {}
-        self._destroying: set[asyncio.Task[None]] = set()
+        self._destroying = Tasks()
 
     async def create(self, agreement_id: str) -> Activity:
         timeout = config.seconds("yagna.activity-timeout")
@@ -78,13 +78,8 @@ class Activities:
         activity_id = str(made["activityId"] if isinstance(made, dict) else made)
         self.daemon.activities.setdefault(agreement_id, []).append(activity_id)
         watch = self._watches[activity_id] = _Watch(agreement_id)
-        self._spawn(watch, self._poll_state(activity_id, watch), f"golem-yagna-state-{activity_id[:8]}")
+        watch.tasks.spawn(self._poll_state(activity_id, watch), f"golem-yagna-state-{activity_id[:8]}")
         return Activity(activity_id, agreement_id, ActivityState.INITIALIZED)
-
-    def _spawn(self, watch: _Watch, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        watch.tasks.add(task)
-        task.add_done_callback(watch.tasks.discard)
 
     async def exec(self, activity_id: str, commands: Sequence[ExeCommand], timeout_s: float) -> list[str]:
         script = convert.exe_script(commands)
@@ -99,8 +94,8 @@ class Activities:
         if service:
             watch = self._watches.get(activity_id)
             if watch is not None:
-                self._spawn(watch, self._follow_service(activity_id, batch_id, awaited, watch),
-                            f"golem-yagna-service-{activity_id[:8]}")
+                watch.tasks.spawn(self._follow_service(activity_id, batch_id, awaited, watch),
+                                  f"golem-yagna-service-{activity_id[:8]}")
             outputs.append("started")
         return outputs
 
@@ -197,9 +192,7 @@ class Activities:
         watch = self._watches.get(activity_id)
         if watch is not None:
             watch.report(Activity(activity_id, watch.agreement_id, ActivityState.TERMINATED, "destroyed"))
-        task = asyncio.get_running_loop().create_task(self._destroy(activity_id), name=f"golem-yagna-destroy-{activity_id[:8]}")
-        self._destroying.add(task)
-        task.add_done_callback(self._destroying.discard)
+        self._destroying.spawn(self._destroy(activity_id), f"golem-yagna-destroy-{activity_id[:8]}")
 
     async def _destroy(self, activity_id: str) -> None:
         timeout = config.seconds("yagna.activity-timeout")
@@ -212,10 +205,6 @@ class Activities:
             logger.debug("destroyed activity %s", activity_id)
 
     async def close(self) -> None:
-        if self._destroying:
-            await asyncio.wait(set(self._destroying), timeout=config.seconds("yagna.activity-timeout") + 10)
-        tasks = [t for w in self._watches.values() for t in w.tasks]
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._destroying.wait(config.seconds("yagna.activity-timeout") + 10)
+        for watch in self._watches.values():
+            await watch.tasks.cancelled()

@@ -24,6 +24,7 @@ from golem_dask import config
 from golem_dask.errors import MarketError, NetworkError, ProtocolError
 from golem_dask.market.base import PaymentDocument
 from golem_dask.protocol.messages import DebitNote, Invoice
+from golem_dask.tasks import Tasks
 from golem_dask.yagna import convert
 from golem_dask.yagna.api import YagnaDaemon, YagnaError, amount_text, iso
 
@@ -56,7 +57,7 @@ class Documents:
         #: Agreements whose invoice has arrived.
         self._invoiced: set[str] = set()
         #: Invoice acceptances under way (they outlive a cancelled caller).
-        self._accepting: set[asyncio.Task[None]] = set()
+        self._accepting = Tasks()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -64,8 +65,8 @@ class Documents:
         self._tasks = [loop.create_task(self._pump(*kind), name=f"golem-yagna-{kind[0]}") for kind in _KINDS]
 
     async def close(self) -> None:
-        if self._accepting:  # invoices being accepted: an unaccepted one is never paid
-            await asyncio.wait(self._accepting, timeout=2 * config.seconds("payment.payment-timeout"))
+        # invoices being accepted: an unaccepted one is never paid
+        await self._accepting.wait(2 * config.seconds("payment.payment-timeout"))
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
@@ -134,10 +135,7 @@ class Documents:
             await self._accept("debitNotes", document.id, amount)
             self._unsettled.setdefault(agreement, set()).add(document.id)
             return
-        task = asyncio.ensure_future(self._accept_invoice(document, amount))
-        self._accepting.add(task)
-        task.add_done_callback(self._accepting.discard)
-        await asyncio.shield(task)
+        await asyncio.shield(self._accepting.spawn(self._accept_invoice(document, amount)))
 
     async def _accept_invoice(self, invoice: PaymentDocument, amount: Decimal) -> None:
         await self._settle(self._unsettled.pop(invoice.agreement_id, set()))

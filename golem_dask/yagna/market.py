@@ -33,6 +33,7 @@ from golem_dask.protocol.messages import (
     Payment,
     Proposal,
 )
+from golem_dask.tasks import Tasks
 from golem_dask.yagna import convert
 from golem_dask.yagna.activities import Activities
 from golem_dask.yagna.api import OK, YagnaDaemon, YagnaError, iso
@@ -84,7 +85,7 @@ class YagnaMarket(Market):
         self._started = False
         self._closed = False
         #: Agreements given up mid-confirmation, being cancelled or terminated on the daemon.
-        self._abandoning: set[asyncio.Task[None]] = set()
+        self._abandoning = Tasks()
         self.connectivity = connectivity()
         self.vpn_range = vpn_range(config.get("yagna.vpn-range"))
         self._network: VpnNetwork | None = None
@@ -121,8 +122,7 @@ class YagnaMarket(Market):
                 await self._network.delete()
             except (NetworkError, YagnaError) as e:
                 logger.warning("the cluster's VPN %s could not be removed from the daemon: %s", self._network.id, e)
-        if self._abandoning:
-            await asyncio.wait(set(self._abandoning), timeout=config.seconds("yagna.call-timeout"))
+        await self._abandoning.wait(config.seconds("yagna.call-timeout"))
         await self.documents.close()
         await self.daemon.close()
 
@@ -212,9 +212,7 @@ class YagnaMarket(Market):
         except ProposalRejected:
             raise  # the provider said no, or did not approve in time: nothing holds it
         except (MarketError, asyncio.CancelledError) as e:  # the daemon may have it approved: end it there
-            task = asyncio.ensure_future(self._abandon(agreement_id, f"{type(e).__name__}: {e}"))
-            self._abandoning.add(task)
-            task.add_done_callback(self._abandoning.discard)
+            self._abandoning.spawn(self._abandon(agreement_id, f"{type(e).__name__}: {e}"))
             raise
         finally:
             self.proposals.release(agreement.offer.id)

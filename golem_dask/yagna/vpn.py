@@ -33,11 +33,12 @@ import collections
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from golem_dask import config
 from golem_dask.errors import ConfigError, NetworkError
+from golem_dask.tasks import Tasks
 from golem_dask.yagna.api import OK, YagnaApi, YagnaError
 from golem_dask.yagna.backchannel import (
     FORWARD,
@@ -210,24 +211,6 @@ async def splice(sender: Sender, reader: asyncio.StreamReader, writer: asyncio.S
         await sender.ws.close()
 
 
-class _Tasks:
-    """Tasks a forwarder started, cancelled together."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def cancel(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class LocalForward:
     """A port on ``127.0.0.1`` whose connections reach the worker's ``target`` port in
     its VM, through forward tunnels to the backchannel at ``ip:port``."""
@@ -236,7 +219,7 @@ class LocalForward:
         self.net, self.ip, self.port, self.target = net, ip, port, target
         self._hello = hello(token, FORWARD, target)
         self._server: asyncio.Server | None = None
-        self._tasks = _Tasks()
+        self._tasks = Tasks()
         self.address = ""
 
     def __repr__(self) -> str:  # the token stays out
@@ -265,7 +248,7 @@ class LocalForward:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        await self._tasks.cancel()
+        await self._tasks.cancelled()
 
 
 class TunnelPool:
@@ -279,7 +262,7 @@ class TunnelPool:
         host, _, scheduler_port = scheduler.rpartition(":")
         self._scheduler = (host, int(scheduler_port))
         self.token = token if token is not None else os.urandom(TOKEN_BYTES)
-        self._tasks = _Tasks()
+        self._tasks = Tasks()
         self.joined = 0
         self._listening = asyncio.Event()  # a tunnel opened: the backchannel is up
 
@@ -343,7 +326,7 @@ class TunnelPool:
         await splice(sender, reader, writer)
 
     async def close(self) -> None:
-        await self._tasks.cancel()
+        await self._tasks.cancelled()
 
 
 async def _taken(ws: Any) -> bytes | None:
