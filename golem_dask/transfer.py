@@ -11,19 +11,22 @@ backends are raised as :class:`~golem_dask.errors.TransferError` naming the URL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import inspect
 import errno
+import functools
 import logging
 import os
 import posixpath
 import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import xxhash
@@ -32,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from golem_dask.errors import ActivityError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK_BYTES = 8 * 2**20
 #: The checksum of every file moved.  It guards against truncated or corrupted copies,
@@ -40,6 +44,11 @@ CHUNK_BYTES = 8 * 2**20
 CHECKSUM = "xxh3-128"
 _QUEUE_DEPTH = 2
 _CHECK_PIECE = 2**20
+#: Copies run in threads of their own: slow ones never hold the threads that
+#: ``asyncio.to_thread`` shares with payments and bookkeeping.
+TRANSFER_THREADS = 8
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
 
 
 class TransferError(ActivityError):
@@ -53,6 +62,17 @@ class TransferResult:
     nbytes: int
     files: int
     checksums: Mapping[str, str]
+
+
+async def in_transfer_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in one of the copies' own :data:`TRANSFER_THREADS` (as
+    ``asyncio.to_thread`` would, context variables included)."""
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="golem-transfer")
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_threads, functools.partial(context.run, fn, *args))
 
 
 def display_url(url: str) -> str:

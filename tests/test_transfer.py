@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
@@ -178,6 +180,51 @@ def test_transfer_into_and_out_of_the_sandbox(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "r.txt").read_text() == "done"
     with pytest.raises(ActivityError, match="exactly one side"):
         asyncio.run(transfer_into_sandbox(root, "/golem/a", "/golem/b"))
+
+
+def test_slow_transfers_leave_the_threads_payments_use_free(tmp_path: Path) -> None:
+    """Copies run in threads of their own: as many stalled downloads as asyncio's shared
+    pool has threads still leave ``asyncio.to_thread`` (the ledger, receivables) working."""
+    release = threading.Event()
+
+    class Stalled(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            release.wait(30)
+            body = b"late\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    shared = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default pool
+    root = tmp_path / "sandbox"
+    root.mkdir()
+
+    async def main() -> int:
+        url = f"http://127.0.0.1:{server.server_address[1]}/f.txt"
+        copies = [asyncio.ensure_future(transfer_into_sandbox(root, url, f"/golem/f{i}.txt",
+                                                              policy=TransferPolicy.trusting()))
+                  for i in range(shared)]
+        await asyncio.sleep(0.5)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(lambda: 42), 10)
+        finally:
+            release.set()
+            await asyncio.gather(*copies)
+
+    try:
+        assert asyncio.run(main()) == 42
+        assert [(root / f"f{i}.txt").read_text() for i in range(shared)] == ["late\n"] * shared
+    finally:
+        release.set()
+        server.shutdown()
 
 
 # -- remote ends through the filesystem's own bulk transfer (moto's S3 server) ------------------

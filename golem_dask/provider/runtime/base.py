@@ -28,7 +28,7 @@ from golem_dask.errors import ActivityError
 from golem_dask.protocol.properties import Resources
 from golem_dask.provider.runtime.policy import TransferPolicy
 from golem_dask.provider.runtime.sandbox import CONTROL_DIR, SANDBOX, Owner, copy_into, copy_out_of, open_dir
-from golem_dask.transfer import display_url
+from golem_dask.transfer import display_url, in_transfer_thread
 
 __all__ = ["CONTROL_DIR", "SANDBOX", "Runtime", "RuntimeActivity", "TransferPolicy", "transfer_into_sandbox"]
 
@@ -68,9 +68,9 @@ async def transfer_into_sandbox(
     policy = policy if policy is not None else TransferPolicy.strict()
     skipped: list[str] = []
     if is_sandbox(destination) and not is_sandbox(source):
-        result = await asyncio.to_thread(copy_into, root, source, destination, options, policy, owner)
+        result = await in_transfer_thread(copy_into, root, source, destination, options, policy, owner)
     elif is_sandbox(source) and not is_sandbox(destination):
-        result, skipped = await asyncio.to_thread(copy_out_of, root, source, destination, options, policy)
+        result, skipped = await in_transfer_thread(copy_out_of, root, source, destination, options, policy)
     else:
         raise ActivityError(f"a transfer needs exactly one side in {SANDBOX}/: {display_url(source)} -> "
                             f"{display_url(destination)}")
