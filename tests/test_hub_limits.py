@@ -273,7 +273,7 @@ def test_a_peer_that_does_not_read_is_disconnected_and_others_are_served(tmp_pat
     # Either limit alone catches it: bytes piling up for it, or a write it does not take.
     settings = ({"write-timeout": "30s", "send-queue": "2MiB"} if limit == "send-queue"
                 else {"write-timeout": "1s", "send-queue": "64MiB"})
-    with running_hub(tmp_path, **settings, **{"messages-per-second": 1000}) as h:
+    with running_hub(tmp_path, **settings, **{"messages-per-second": 1000, "max-offers-per-peer": 80}) as h:
         demand = Demand({"golem.srv.comp.expiration": 1}, "(&)")
         sloth = Raw(h.hub.port, rcvbuf=4096).hello("requestor")
         sloth.send("subscribe", {"sub": "s", "demand": demand})  # and then it never reads
@@ -335,11 +335,39 @@ def test_subscriptions_per_peer_are_limited(tmp_path: Path) -> None:
         assert event.kind == "event" and len(wire.verify(event)["offers"]) == 1
 
 
+def test_offers_per_provider_are_limited(tmp_path: Path) -> None:
+    """One provider cannot fill the hub's memory with offers: past the limit a new offer
+    is refused; refreshing one it has, or withdrawing one, works as before."""
+    with running_hub(tmp_path, **{"max-offers-per-peer": 3}) as h:
+        mallory = Raw(h.hub.port).hello("provider")
+        offers = [offer_of(mallory.wallet) for _ in range(4)]
+        for offer in offers[:3]:
+            mallory.send("publish", offer)
+        assert mallory.served()
+        before = h.stats["refused"]
+        reply = mallory.request("publish", offers[3])
+        assert reply.kind == "error" and "golem.hub.max-offers-per-peer" in wire.verify(reply)["reason"]
+        assert h.stats["refused"] == before + 1
+        assert sorted(h.hub.book.offers) == sorted(o.id for o in offers[:3])
+        mallory.send("publish", offers[0])  # a refresh is no new offer
+        mallory.send("withdraw", {"offer_id": offers[1].id})
+        mallory.send("publish", offers[3])
+        assert mallory.served() and h.stats["refused"] == before + 1
+        assert sorted(h.hub.book.offers) == sorted(o.id for o in (offers[0], offers[2], offers[3]))
+        # The limit is per provider: another one publishes, and a requestor sees all four.
+        honest = Raw(h.hub.port).hello("provider")
+        honest.send("publish", offer_of(honest.wallet))
+        assert honest.served()
+        alice = Raw(h.hub.port).hello("requestor")
+        event = alice.request("subscribe", {"sub": "a", "demand": Demand({"golem.srv.comp.expiration": 1}, "(&)")})
+        assert event.kind == "event" and len(wire.verify(event)["offers"]) == 4
+
+
 # -- 5. scan pages -----------------------------------------------------------------------------
 
 
 def test_scan_is_paged_within_the_frame_limit(tmp_path: Path) -> None:
-    settings = {"max-frame": "64KiB", "call-timeout": "5s"}
+    settings = {"max-frame": "64KiB", "call-timeout": "5s", "max-offers-per-peer": 150}
     with running_hub(tmp_path, **settings) as h:
         provider = Raw(h.hub.port).hello("provider")
         offers = {offer.id: offer for offer in (offer_of(provider.wallet, padding=1000) for _ in range(150))}

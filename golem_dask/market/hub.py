@@ -307,7 +307,8 @@ class OfferBook:
     --------
     >>> provider = Wallet.from_key("11" * 32)
     >>> told = []
-    >>> book = OfferBook(max_frame=2**20, max_subscriptions=1, notify=lambda *event: told.append(event))
+    >>> book = OfferBook(max_frame=2**20, max_subscriptions=1, notify=lambda *event: told.append(event),
+    ...                  max_offers=4)
     >>> [len(e["offers"]) for e in book.subscribe("0xR", "s1", Demand({}, "(&)"))]
     []
     >>> offer = Offer({"golem.inf.cpu.threads": 4}, "(&)", provider.address)
@@ -320,13 +321,16 @@ class OfferBook:
     golem_dask.errors.MarketError: too many subscriptions (1; golem.hub.max-subscriptions-per-peer); unsubscribe first
     """
 
-    def __init__(self, max_frame: int, max_subscriptions: int, notify: Callable[[str, str, Any], None]) -> None:
+    def __init__(self, max_frame: int, max_subscriptions: int, notify: Callable[[str, str, Any], None],
+                 max_offers: int) -> None:
         self.budget = max_frame // 2  # a notice carrying offers must fit in a frame
         self.max_subscriptions = max_subscriptions
+        self.max_offers = max_offers
         self.notify = notify
         self.offers: dict[str, _StoredOffer] = {}
         self.subs: dict[tuple[str, str], Demand] = {}
         self._sub_count: Counter[str] = Counter()
+        self._offer_count: Counter[str] = Counter()
 
     def publish(self, provider: str, envelope: wire.Envelope, offer: Any) -> None:
         if not isinstance(offer, Offer) or offer.provider_id != provider:
@@ -340,6 +344,11 @@ class OfferBook:
             raise ProtocolError(f"an offer of {len(stored.frame)} bytes is too large (at most "
                                 f"{self.budget}, half of golem.hub.max-frame)")
         fresh = offer.id not in self.offers
+        if fresh:
+            if self._offer_count[provider] >= self.max_offers:
+                raise MarketError(f"too many offers ({self._offer_count[provider]}; golem.hub.max-offers-per-peer); "
+                                  "withdraw one first")
+            self._offer_count[provider] += 1
         self.offers[offer.id] = stored
         if fresh:
             for (requestor, sub_id), demand in list(self.subs.items()):
@@ -351,6 +360,9 @@ class OfferBook:
         if stored is None or (provider is not None and stored.provider != provider):
             return
         del self.offers[offer_id]
+        self._offer_count[stored.provider] -= 1
+        if not self._offer_count[stored.provider]:
+            del self._offer_count[stored.provider]
         for (requestor, sub_id), demand in list(self.subs.items()):
             if matches(demand, stored.offer):
                 self.notify(requestor, "event", {"sub": sub_id, "withdrawn": offer_id})
@@ -450,7 +462,8 @@ class HubServer:
             max_frame_bytes=self.max_frame // 2)  # delivered inside a notice, which must fit in a frame
         self._peers: dict[str, _Peer] = {}  # by address, after hello
         self._conns: set[_Peer] = set()  # every open connection
-        self.book = OfferBook(self.max_frame, int(config.get("hub.max-subscriptions-per-peer")), self._notify)
+        self.book = OfferBook(self.max_frame, int(config.get("hub.max-subscriptions-per-peer")), self._notify,
+                              int(config.get("hub.max-offers-per-peer")))
         self._server: asyncio.AbstractServer | None = None
         self._tasks = Tasks()
         self._refusals: dict[str, tuple[float, bytes]] = {}
