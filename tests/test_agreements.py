@@ -13,11 +13,11 @@ import pytest
 from golem_dask.errors import ProposalRejected, ProtocolError
 from golem_dask.market.demand import DemandSpec
 from golem_dask.market.local import LocalMarket
-from golem_dask.market.relay import check_approval
+from golem_dask.market.relay import ACTIVITY_HISTORY, check_approval
 from golem_dask.protocol import properties as P
 from golem_dask.protocol import terms
 from golem_dask.protocol.identity import Wallet
-from golem_dask.protocol.messages import Agreement, AgreementState, Proposal, new_id, now_ms
+from golem_dask.protocol.messages import Activity, ActivityState, Agreement, AgreementState, Proposal, new_id, now_ms
 from golem_dask.protocol.pricing import LinearPricing
 from golem_dask.provider.agent import ProviderAgent
 from golem_dask.provider.factory import embedded_agents
@@ -215,3 +215,23 @@ def test_check_approval_needs_our_agreement_back() -> None:
     with pytest.raises(ProtocolError, match="carries a provider signature by"):
         terms.check(dataclasses.replace(approved, provider_signature=requestor.sign_message_hash(terms.digest(ours))),
                     "provider")
+
+
+def test_a_provider_flooding_activity_states_fills_no_memory_and_an_ended_activity_stays_ended() -> None:
+    """A provider may send any number of states for its activity: the requestor keeps the
+    latest few for followers that come late, and nothing after the activity ended."""
+    async def run() -> None:
+        market = LocalMarket()
+        early = market.activity_events("a1")
+        for i in range(10_000):
+            market._deliver(Activity("a1", "agr", ActivityState.READY if i % 2 else ActivityState.DEPLOYED))
+        market._deliver(Activity("a1", "agr", ActivityState.TERMINATED, "done"))
+        market._deliver(Activity("a1", "agr", ActivityState.READY, "back from the dead"))
+        assert len(market._activity_history["a1"]) == ACTIVITY_HISTORY
+        seen = [a async for a in early]
+        assert len(seen) == 10_001 and seen[-1].state == ActivityState.TERMINATED
+        late = [a async for a in market.activity_events("a1")]
+        assert len(late) == ACTIVITY_HISTORY and late[-1].reason == "done"
+        assert "a1" not in market._activity_queues  # no follower is kept for an ended activity
+
+    asyncio.run(run())

@@ -41,6 +41,8 @@ from golem_dask.protocol.messages import (
 
 T = TypeVar("T")
 FINAL_STATES = {ActivityState.TERMINATED, ActivityState.FAILED}
+#: Activity states kept per activity for followers that come late (a provider may send many).
+ACTIVITY_HISTORY = 32
 
 def check_approval(ours: Agreement, approved: Any) -> None:
     """Refuse an approval unless it is our agreement, approved and signed by its provider
@@ -112,10 +114,15 @@ class RelayMarket(Market):
     def _deliver(self, message: Activity | DebitNote | Invoice) -> None:
         """A message a provider pushed: an activity state or a payment document."""
         if isinstance(message, Activity):
-            self._activity_history.setdefault(message.id, []).append(message)
-            for q in self._activity_queues.get(message.id, []):
+            history = self._activity_history.setdefault(message.id, [])
+            if history and history[-1].state in FINAL_STATES:
+                return  # an ended activity has nothing more to say
+            history.append(message)
+            del history[:-ACTIVITY_HISTORY]  # a late follower needs the latest states, not all
+            final = message.state in FINAL_STATES
+            for q in self._activity_queues.pop(message.id, []) if final else self._activity_queues.get(message.id, []):
                 q.put_nowait(message)
-                if message.state in FINAL_STATES:
+                if final:
                     q.put_nowait(None)
         elif isinstance(message, DebitNote | Invoice):
             self._payments.put_nowait(message)
@@ -218,11 +225,13 @@ class RelayMarket(Market):
 
     def activity_events(self, activity_id: str) -> AsyncIterator[Activity]:
         q: asyncio.Queue[Activity | None] = asyncio.Queue()
-        for event in self._activity_history.get(activity_id, []):
+        history = self._activity_history.get(activity_id, [])
+        for event in history:
             q.put_nowait(event)
-            if event.state in FINAL_STATES:
-                q.put_nowait(None)
-        self._activity_queues.setdefault(activity_id, []).append(q)
+        if history and history[-1].state in FINAL_STATES:
+            q.put_nowait(None)
+        else:
+            self._activity_queues.setdefault(activity_id, []).append(q)
         return drain(q)
 
     async def destroy_activity(self, activity_id: str) -> None:
