@@ -44,6 +44,7 @@ FINAL_STATES = {ActivityState.TERMINATED, ActivityState.FAILED}
 #: Activity states kept per activity for followers that come late (a provider may send many).
 ACTIVITY_HISTORY = 32
 
+
 def check_approval(ours: Agreement, approved: Any) -> None:
     """Refuse an approval unless it is our agreement, approved and signed by its provider
     over exactly the terms we signed (a provider may not change its prices after it was
@@ -120,7 +121,9 @@ class RelayMarket(Market):
             history.append(message)
             del history[:-ACTIVITY_HISTORY]  # a late follower needs the latest states, not all
             final = message.state in FINAL_STATES
-            for q in self._activity_queues.pop(message.id, []) if final else self._activity_queues.get(message.id, []):
+            # An ended activity's followers are told and then forgotten.
+            queues = self._activity_queues.pop(message.id, []) if final else self._activity_queues.get(message.id, [])
+            for q in queues:
                 q.put_nowait(message)
                 if final:
                     q.put_nowait(None)

@@ -136,8 +136,10 @@ async def _copy(read: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWrit
         _close(writer)
 
 
-async def join(tunnel: tuple[Records, asyncio.StreamWriter],
-               local: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+Tunnel = tuple[Records, asyncio.StreamWriter]
+
+
+async def join(tunnel: Tunnel, local: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
     """Copy bytes both ways between a tunnel and a local connection until both directions end."""
     try:
         await asyncio.gather(_copy(tunnel[0].read, local[1], abort=True),
@@ -145,9 +147,6 @@ async def join(tunnel: tuple[Records, asyncio.StreamWriter],
     finally:
         tunnel[1].close()
         local[1].close()
-
-
-Tunnel = tuple[Records, asyncio.StreamWriter]
 
 
 class Backchannel:
@@ -203,14 +202,15 @@ class Backchannel:
             hello = b""
         records.max_early = MAX_EARLY_BYTES
         kind, port = hello[TOKEN_BYTES:TOKEN_BYTES + 1], hello[TOKEN_BYTES + 1:]
+        target = struct.unpack(">H", port)[0] if len(port) == 2 else None
         if not hmac.compare_digest(hello[:TOKEN_BYTES], self.token) or len(hello) < TOKEN_BYTES + 1:
             writer.close()
         elif kind == WAITING and not port:
             self.waiting.put_nowait((records, writer))
             return True
-        elif kind == FORWARD and len(port) == 2 and struct.unpack(">H", port)[0] in self.forward:
+        elif kind == FORWARD and target in self.forward:
             try:
-                local = await asyncio.open_connection(self.host, struct.unpack(">H", port)[0])
+                local = await asyncio.open_connection(self.host, target)
             except OSError:
                 writer.close()
                 return False

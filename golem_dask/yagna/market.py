@@ -63,6 +63,7 @@ class YagnaMarket(Market):
     bills_whole_activity = True
     #: The daemon accepts a debit note or invoice only for its whole amount (400 otherwise).
     accepts_part = False
+
     @property
     def unreachable_hint(self) -> str:  # type: ignore[override]
         if self.connectivity == "vpn":

@@ -47,6 +47,7 @@ from golem_dask.yagna.backchannel import (
     WAITING,
     hello,
     record,
+    source,
 )
 
 logger = logging.getLogger(__name__)
@@ -429,8 +430,6 @@ class WorkerLink:
         connections to the worker through the backchannel, and give ``entry_point args`` as
         the VM runs it: under the backchannel, dialling it for the scheduler, listening on
         the VPN address."""
-        from golem_dask.yagna import backchannel
-
         worker = list(args)
         scheme, _, scheduler = worker[1].rpartition("://")
         scheme = scheme or "tcp"
@@ -439,7 +438,7 @@ class WorkerLink:
         self._unroute = route(f"{self.ip}:{self.worker_port}", self._forward.address)
         worker[1] = f"{scheme}://127.0.0.1:{self.SCHEDULER_PORT}"
         worker += ["--listen-address", f"{scheme}://{self.ip}:{self.worker_port}"]
-        return "python3", ["-c", backchannel.source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
+        return "python3", ["-c", source(), "--host", self.ip, "--tunnels", str(self.TUNNEL_PORT),
                            "--scheduler", str(self.SCHEDULER_PORT), "--forward", str(self.worker_port),
                            "--token", self.token.hex(), "--announce", self.net.requestor_ip, "--", entry_point, *worker]
 
