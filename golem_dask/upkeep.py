@@ -38,6 +38,7 @@ from distributed.core import Status
 from golem_dask import config
 from golem_dask.errors import ConfigError
 from golem_dask.payment.accountant import ledger_of
+from golem_dask.payment.bill import EntryStatus
 from golem_dask.protocol.messages import now_ms
 from golem_dask.tasks import Tasks
 
@@ -361,19 +362,28 @@ def retire_unaffordable(cluster: Any, agreement_id: str) -> None:
 
 
 def affordable(cluster: Any, n: int) -> int:
-    """``n``, or fewer: the workers there are plus those whose worst case the budget left
-    can still reserve (at the cheapest offer the negotiator knows or its workers took)."""
-    current = len(cluster.workers)
+    """``n``, or fewer: the workers asked for already plus those whose worst case the budget
+    left can still reserve (at the cheapest offer the negotiator knows or its workers took).
+
+    Workers being started count as asked for; those that hold no reservation yet will take
+    theirs from what is left (a worker that reserved while not yet listed among the
+    cluster's workers was counted twice, and a scale right after another one shrank it)."""
+    wanted = set(cluster.worker_spec)
+    current = len(wanted)
     if n <= current:
         return n
     costs = [c.worst_case for c in cluster.negotiator.candidates.values()]
     # Offers already taken (a hub's providers sell their slice whole) still price the next worker.
-    costs += [w.deal.candidate.worst_case for w in cluster.workers.values() if getattr(w, "deal", None)]
+    costs += [w.deal.candidate.worst_case for w in list(cluster.workers.values()) if getattr(w, "deal", None)]
     if not costs:
         return n  # nothing known yet: the negotiation itself refuses what is unaffordable
     cheapest = min(costs)
-    more = math.floor(cluster.budget.remaining / cheapest) if cheapest > 0 else n - current
-    return min(n, current + max(0, int(more)))
+    if cheapest <= 0:
+        return n
+    reserved = set(cluster.negotiator.signing) | {a.worker for a in list(cluster.accountant.accounts.values())
+                                                  if a.status is EntryStatus.RUNNING}
+    left = cluster.budget.remaining - cheapest * len(wanted - reserved)
+    return min(n, current + max(0, math.floor(left / cheapest)))
 
 
 def payable_terms(spec: Any, payer: Any, events: Any) -> Any:

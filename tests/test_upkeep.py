@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import dask
@@ -16,6 +17,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from docker_support import docker_client, no_leaked_containers  # noqa: F401
 
 from golem_dask import GolemCluster
+from golem_dask.payment.bill import EntryStatus
+from golem_dask.payment.budget import Budget
+from golem_dask.upkeep import affordable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -153,6 +157,30 @@ def test_scale_by_cores_and_memory_and_never_past_the_budget(runtime: str) -> No
         assert len(cluster.workers) == 2 and cluster.budget.reserved <= Decimal("0.5")
         adaptive = cluster.adapt(minimum_cores=2, maximum_cores=16)  # SpecCluster's raised here
         assert adaptive.maximum == 8 and len(cluster.events.of_kind("budget")) == 1
+
+
+def test_a_scale_right_after_another_counts_a_worker_being_started_once() -> None:
+    """A worker being started holds its reservation before the cluster lists it among its
+    workers: whether it has reserved yet, is signing, or runs, a second scale grants the
+    same.  (Counted twice, a scale(6) right after scale(5) shrank the cluster to 1.)"""
+    worst = Decimal("0.22")
+    budget = Budget(Decimal("0.5"))
+    budget.reserve("agr-0", worst)  # golem-0 runs
+    accounts = {"agr-0": SimpleNamespace(worker="golem-0", status=EntryStatus.RUNNING)}
+    negotiator = SimpleNamespace(candidates={"offer": SimpleNamespace(worst_case=worst)}, signing=set())
+    cluster = SimpleNamespace(worker_spec={"golem-0": {}, "golem-1": {}}, workers={"golem-0": SimpleNamespace()},
+                              negotiator=negotiator, accountant=SimpleNamespace(accounts=accounts), budget=budget)
+    assert affordable(cluster, 6) == 2  # golem-1 will reserve 0.22 of the 0.28 left
+    budget.reserve("r-1", worst)
+    negotiator.signing.add("golem-1")
+    assert affordable(cluster, 6) == 2  # it holds 0.22 while its agreement is signed
+    negotiator.signing.clear()
+    budget.rekey("r-1", "agr-1")
+    accounts["agr-1"] = SimpleNamespace(worker="golem-1", status=EntryStatus.RUNNING)
+    assert affordable(cluster, 6) == 2  # and while it starts
+    budget.total = Decimal("1")
+    assert affordable(cluster, 6) == 4 and affordable(cluster, 3) == 3  # room left is still given
+    assert affordable(cluster, 1) == 1  # scaling down is never capped
 
 
 def test_a_scale_down_moves_the_leaving_workers_data() -> None:

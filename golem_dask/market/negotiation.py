@@ -235,6 +235,8 @@ class Negotiator:
         self.reputation = reputation
         #: Providers this cluster stopped renting from (caught delivering too little).
         self.excluded: set[str] = set()
+        #: Workers whose agreement is being signed: their reservation is held, their account not open yet.
+        self.signing: set[str] = set()
         self._budget_said: tuple[Decimal, Decimal] | None = None  # the last budget shortfall said
         #: After this long with nothing matching, say what is refused and what to relax (once).
         self.hint_after_s = hint_after_s
@@ -376,6 +378,7 @@ class Negotiator:
         assert self._demand is not None and self._subscription is not None
         reservation = new_id()
         self.budget.reserve(reservation, candidate.worst_case)
+        self.signing.add(worker)
         try:
             demand = Demand(
                 properties={**self._demand.properties, P.EXPIRATION: now_ms() + int(self.spec.lifetime_s * 1000)},
@@ -388,6 +391,8 @@ class Negotiator:
         except BaseException:
             self.budget.release(reservation)
             raise
+        finally:
+            self.signing.discard(worker)
         if self.reputation is not None:
             self.reputation.agreement(approved.provider_id, candidate.name)
         self._emit(
